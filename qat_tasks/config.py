@@ -1,0 +1,294 @@
+"""Typed pipeline configuration: `configs/*.yaml` -> pydantic models that reject unknown keys and wrong types.
+
+Relative paths in a config file resolve against the project root (the folder that holds `configs/`),
+so the same file works from the CLI, from Airflow workers and from tests, whatever their working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qat_tasks.schema import INTENTS
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
+
+Role = Literal["intent_classifier", "escalation_detector", "reranker", "llm"]
+Method = Literal["fp32", "qat_int8", "ptq_dynamic_int8", "ptq_static_int8", "qat_distill_int8", "awq_w4a16", "gptq_w4a16", "rtn_w4a16"]
+Runtime = Literal["onnxruntime", "pytorch", "transformers", "vllm"]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ConfigError(ValueError):
+    """A configuration file that does not fit the schema; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class TrackingConfig(Strict):
+    # None: $MLFLOW_TRACKING_URI, else the embedded SQLite store under state_dir.
+    uri: str | None = None
+    experiment_prefix: str = "mangaassist"
+
+
+class WindowConfig(Strict):
+    start: date
+    end: date  # exclusive
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WindowConfig:
+        if self.end <= self.start:
+            raise ValueError(f"window end {self.end} must be after start {self.start}")
+        return self
+
+
+class TrafficConfig(Strict):
+    source: str = Field(description="local folder or s3://bucket/prefix of date-partitioned JSONL logs")
+    # None: the calendar quarter before the DAG run's logical date.
+    window: WindowConfig | None = None
+    max_invalid_fraction: Fraction = 0.02
+    s3_endpoint_url: str | None = None
+
+
+class SplitSizes(Strict):
+    calibration: int = Field(gt=0)
+    qat_train: int = Field(gt=0)
+    evaluation: int = Field(gt=0)
+
+
+class SplitFractions(Strict):
+    """Share of conversations assigned to each split (by a seeded hash of the conversation id)."""
+
+    calibration: Fraction = 0.15
+    qat_train: Fraction = 0.55
+    evaluation: Fraction = 0.30
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.calibration + self.qat_train + self.evaluation
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1, got {total:.4f}")
+        return self
+
+
+class EdgeCaseConfig(Strict):
+    low_confidence_below: Fraction = 0.55
+    long_text_chars: int = Field(default=180, gt=0)
+    non_english: bool = True
+    # Share of each split's per-intent quota reserved for edge cases when they exist.
+    reserve_fraction: Fraction = 0.15
+
+
+class CalibrationConfig(Strict):
+    seed: int = 2026
+    output: str | None = None  # None: <state_dir>/calibration; or s3://bucket/prefix
+    sizes: SplitSizes
+    llm_conversations: int = Field(default=128, gt=0)
+    split_fractions: SplitFractions = SplitFractions()
+    min_per_intent: int = Field(default=20, ge=1)
+    on_missing_intent: Literal["fail", "warn"] = "fail"
+    on_underrepresented_intent: Literal["fail", "warn"] = "warn"
+    rare_intents: tuple[str, ...] = ("escalation", "checkout_help")
+    edge_cases: EdgeCaseConfig = EdgeCaseConfig()
+
+    @field_validator("rare_intents")
+    @classmethod
+    def _known_intents(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [i for i in v if i not in INTENTS]
+        if unknown:
+            raise ValueError(f"unknown intent(s) {unknown}; known: {list(INTENTS)}")
+        return v
+
+
+class TrainingConfig(Strict):
+    epochs: int = Field(default=2, ge=1)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    max_length: int = Field(default=64, ge=8)
+    warmup_fraction: Fraction = 0.1
+    weight_decay: float = Field(default=0.01, ge=0)
+    class_weighted_loss: bool = True
+    seed: int = 13
+
+
+class ModelConfig(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
+    role: Role
+    # Local path, s3://bucket/prefix, hf://org/name (or org/name), pkg://python_package/subdir,
+    # or tiny-random://bert (a tiny random-initialised encoder for tests).
+    source: str
+    method: Method
+    runtime: Runtime
+    training: TrainingConfig = TrainingConfig()
+
+
+class EvaluationConfig(Strict):
+    threads: int = Field(default=1, ge=1)
+    latency_samples: int = Field(default=200, ge=10)
+    warmup: int = Field(default=10, ge=0)
+    throughput_batch: int = Field(default=32, ge=1)
+    ece_bins: int = Field(default=15, ge=2)
+
+
+class EncoderGates(Strict):
+    max_accuracy_drop_pts: float = 0.3
+    max_rare_class_accuracy_drop_pts: float = 0.6
+    max_escalation_recall_drop_pts: float = 0.5
+    max_ece_increase: float = 0.01
+    max_p95_ratio: float = Field(default=2 / 3, gt=0)
+
+
+class RerankerGates(Strict):
+    max_ndcg10_drop: float = 0.01
+    max_mrr10_drop: float = 0.01
+    max_p95_ratio: float = Field(default=0.7, gt=0)
+
+
+class EscalationGates(Strict):
+    max_recall_drop_pts: float = 0.0
+    max_p95_ratio: float = Field(default=2 / 3, gt=0)
+
+
+class LlmGates(Strict):
+    max_perplexity_increase_rel: float = 0.05
+    max_routing_accuracy_drop_pts: float = 2.0
+
+
+class GatesConfig(Strict):
+    intent_classifier: EncoderGates = EncoderGates()
+    escalation_detector: EscalationGates = EscalationGates()
+    reranker: RerankerGates = RerankerGates()
+    llm: LlmGates = LlmGates()
+
+
+class PipelineConfig(Strict):
+    profile: str
+    state_dir: str = ".state"
+    tracking: TrackingConfig = TrackingConfig()
+    traffic: TrafficConfig
+    calibration: CalibrationConfig
+    models: tuple[ModelConfig, ...]
+    evaluation: EvaluationConfig = EvaluationConfig()
+    gates: GatesConfig = GatesConfig()
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, v: tuple[ModelConfig, ...]) -> tuple[ModelConfig, ...]:
+        names = [m.name for m in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate model names {dupes}")
+        if not v:
+            raise ValueError("at least one model is required")
+        return v
+
+    # -- resolved locations -------------------------------------------------------------------------
+    def resolve(self, path_or_uri: str) -> str:
+        if "://" in path_or_uri:
+            return path_or_uri
+        p = Path(os.path.expandvars(os.path.expanduser(path_or_uri)))
+        return str(p if p.is_absolute() else PROJECT_ROOT / p)
+
+    @property
+    def state_path(self) -> Path:
+        override = os.environ.get("QAT_STATE_DIR")
+        return Path(override) if override else Path(self.resolve(self.state_dir))
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{self.state_path / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def calibration_store(self) -> str:
+        return self.resolve(self.calibration.output) if self.calibration.output else str(self.state_path / "calibration")
+
+    @property
+    def traffic_source(self) -> str:
+        return self.resolve(self.traffic.source)
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"no model named {name!r} in profile {self.profile!r}; known: {[m.name for m in self.models]}")
+
+
+def _describe(err: dict, data: object) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        parent = data
+        for part in err["loc"][:-1]:
+            parent = parent[part] if isinstance(parent, dict | list) else None
+        allowed = []
+        # Suggest the nearest allowed key: a typo should cost seconds, not a debugging session.
+        model = _model_at(PipelineConfig, err["loc"][:-1], data)
+        if model is not None:
+            allowed = list(model.model_fields)
+        hint = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+        suffix = f" (did you mean {hint[0]!r}?)" if hint else (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        return f"{loc}: unknown key{suffix}"
+    return f"{loc}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _model_at(model: type[BaseModel], loc: tuple, data: object) -> type[BaseModel] | None:
+    """Walk the schema along an error location to find the model whose keys were wrong."""
+    import typing
+
+    current: object = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        ann = current.model_fields[part].annotation
+        candidates = [ann, *typing.get_args(ann)]
+        for arg in list(candidates):
+            candidates.extend(typing.get_args(arg))
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def parse_config(data: object, source: str = "<config>") -> PipelineConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        # YAML dates and lists arrive as Python objects; strict mode still refuses "12" for an int.
+        return PipelineConfig.model_validate(_tuples(data))
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe(e, data) for e in exc.errors())
+        raise ConfigError(f"{source}: {len(exc.errors())} problem(s):\n  {problems}") from None
+
+
+def _tuples(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {k: _tuples(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return tuple(_tuples(v) for v in obj)
+    return obj
+
+
+def load_config(path: str | Path | None = None) -> PipelineConfig:
+    """Load the pipeline config: explicit path, else $QAT_CONFIG, else configs/demo.yaml."""
+    path = Path(path or os.environ.get("QAT_CONFIG") or DEFAULT_CONFIG)
+    if not path.is_absolute() and not path.exists():
+        path = PROJECT_ROOT / path
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,128 @@
+"""The logged-traffic record, version 1.
+
+It extends what the serving layer already writes
+    {"event": "quantized_inference", "model": ..., "intent": ..., "confidence": ..., "latency_ms": ...,
+     "runtime": "onnxruntime"}
+with what calibration and evaluation need: ids, a timestamp, the user's text and, where a person
+reviewed the turn, the true label. Records that do not fit are quarantined with the reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SCHEMA_VERSION = 1
+
+# The ten MangaAssist intents. escalation and checkout_help are rare in traffic and matter most.
+INTENTS: tuple[str, ...] = (
+    "product_search",
+    "recommendation",
+    "order_status",
+    "shipping_info",
+    "return_request",
+    "payment_issue",
+    "account_help",
+    "chitchat",
+    "checkout_help",
+    "escalation",
+)
+Intent = Literal[
+    "product_search",
+    "recommendation",
+    "order_status",
+    "shipping_info",
+    "return_request",
+    "payment_issue",
+    "account_help",
+    "chitchat",
+    "checkout_help",
+    "escalation",
+]
+assert set(Intent.__args__) == set(INTENTS)  # type: ignore[attr-defined]
+
+
+class InferenceRecord(BaseModel):
+    """One line of logged traffic (JSONL)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    schema_version: Literal[1]
+    event: Literal["quantized_inference", "inference", "shadow_inference"]
+    request_id: Annotated[str, Field(min_length=1, max_length=128)]
+    conversation_id: Annotated[str, Field(min_length=1, max_length=128)]
+    turn: Annotated[int, Field(ge=0, le=500)]
+    timestamp: datetime
+    model: Annotated[str, Field(min_length=1)]
+    runtime: Literal["onnxruntime", "pytorch", "transformers", "vllm"]
+    text: Annotated[str, Field(max_length=4000)]
+    intent: Intent
+    confidence: Annotated[float, Field(ge=0.0, le=1.0)]
+    latency_ms: Annotated[float, Field(ge=0.0)]
+    reviewed_label: Intent | None = None
+    locale: str | None = None
+
+    @field_validator("text")
+    @classmethod
+    def _has_text(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("text is empty")
+        return v
+
+    @field_validator("timestamp")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        if v.tzinfo is None:
+            raise ValueError("timestamp has no timezone (log UTC with a trailing Z)")
+        return v
+
+
+def parse_line(line: str | bytes) -> tuple[InferenceRecord | None, str | None]:
+    """Parse and validate one log line. Returns (record, None) or (None, reason)."""
+    try:
+        return InferenceRecord.model_validate_json(line), None
+    except ValidationError as exc:
+        return None, summarize_error(exc)
+
+
+def summarize_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<line>"
+        if err["type"] == "json_invalid":
+            parts.append(f"malformed JSON: {err['msg'].removeprefix('Invalid JSON: ')}")
+        elif err["type"] == "missing":
+            parts.append(f"{loc}: missing")
+        elif err["type"] == "literal_error" and loc in ("intent", "reviewed_label"):
+            parts.append(f"{loc}: unknown intent {err.get('input')!r}")
+        elif err["type"] == "extra_forbidden":
+            parts.append(f"{loc}: unexpected field")
+        else:
+            parts.append(f"{loc}: {err['msg']}")
+    if len(exc.errors()) > 3:
+        parts.append(f"+{len(exc.errors()) - 3} more")
+    return "; ".join(parts)
+
+
+def reason_category(reason: str) -> str:
+    """A short bucket for counting quarantine reasons (e.g. 'malformed_json', 'missing:text')."""
+    first = reason.split(";")[0]
+    if first.startswith("malformed JSON"):
+        return "malformed_json"
+    field, _, msg = first.partition(": ")
+    if msg == "missing":
+        return f"missing:{field}"
+    if msg.startswith("unknown intent"):
+        return f"unknown_intent:{field}"
+    if msg == "unexpected field":
+        return "unexpected_field"
+    if "Input should be a valid" in msg or "Input should be" in msg:
+        return f"wrong_type:{field}"
+    return f"invalid:{field}"
+
+
+def dump_record(rec: dict) -> str:
+    return json.dumps(rec, ensure_ascii=False, separators=(",", ":"))
