@@ -107,6 +107,10 @@ TEMPLATES: dict[str, list[str]] = {
         "can't complete checkout, it keeps spinning", "how do I apply a coupon at checkout",
         "checkout says my cart is empty but it isn't", "error at checkout when I add {title} {fmt}",
         "can I split payment at checkout", "the place order button is greyed out",
+        "checkout crashes on {device} when I pay for {title} vol {vol}", "{browser} won't let me finish checkout",
+        "cart total shows ${amount} but checkout charges more", "can't check out with {title} {fmt} in my cart",
+        "checkout asks for a zip code and rejects mine on {device}", "gift wrap option breaks checkout for {title}",
+        "I get error {errcode} at checkout", "checkout page freezes after I enter promo {promo} on {browser}",
     ],
     "escalation": [
         "I want to talk to a human", "this is ridiculous, get me a manager", "connect me to a real person NOW",
@@ -114,6 +118,9 @@ TEMPLATES: dict[str, list[str]] = {
         "stop giving me bot answers, agent please", "I'm filing a complaint about order {order}",
         "you people lost my {fmt} and nobody helps", "escalate this, I've waited weeks for {order}",
         "if I don't get a refund today I'm disputing the charge",
+        "I've been charged ${amount} for nothing, give me a person", "your bot is useless, human for order {order}",
+        "I need a supervisor about {title} vol {vol}, this is the {nth} time", "escalate {order} to a manager right now",
+        "nobody answers my emails about {order}, I want someone real", "I'm reporting you, {order} never came",
     ],
 }
 assert set(TEMPLATES) == set(INTENTS)
@@ -180,7 +187,11 @@ class TrafficGenerator:
             "title": r.choice(TITLES), "vol": str(vol), "vol2": str(vol + r.randint(1, 8)), "fmt": r.choice(FORMATS),
             "genre": r.choice(GENRES), "carrier": r.choice(CARRIERS), "country": r.choice(COUNTRIES),
             "order": r.choice(["MA-2026-", "MA-", "#"]) + str(r.randint(100000, 99999999)),
-            "promo": r.choice(["MANGA10", "SUMMER25", "OTAKU5", "FREESHIP"]),
+            "promo": r.choice(["MANGA10", "SUMMER25", "OTAKU5", "FREESHIP", "VOL1FREE", "BOXSET15"]),
+            "device": r.choice(["iphone", "android", "my ipad", "the app", "my laptop", "a chromebook"]),
+            "browser": r.choice(["safari", "chrome", "firefox", "edge", "the mobile site"]),
+            "amount": f"{r.randint(8, 240)}.{r.randint(0, 99):02d}", "errcode": f"E{r.randint(100, 999)}",
+            "nth": r.choice(["third", "fourth", "fifth", "tenth"]),
             "email": self._email(), "phone": self._phone(), "address": self._address(), "card": self._card(),
         }
 
