@@ -1,0 +1,102 @@
+"""Quarterly recalibration of the MangaAssist models.
+
+Scheduled at 00:00 UTC on 1 January, April, July and October over the quarter that just ended; also run by
+hand or by the drift monitor with a reason:
+
+    airflow dags trigger quarterly_recalibration \
+        --conf '{"reason": "new manga catalogue launched", "models": ["intent-classifier"]}'
+
+The graph only wires stages together: every stage lives in `qat_tasks` (runnable without Airflow through
+`qat-tasks`), tasks import it inside their bodies, and hand each other MLflow run ids and artifact URIs,
+never data or models.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, dag, task
+
+from qat_tasks.config import load_config
+
+CONFIG = load_config(os.environ.get("QAT_CONFIG"))  # pydantic + yaml only: cheap, and a broken config is an import error
+MODEL_NAMES = [m.name for m in CONFIG.models]
+
+
+@dag(
+    dag_id="quarterly_recalibration",
+    schedule="0 0 1 1,4,7,10 *",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["mangaassist", "quantization", "calibration"],
+    default_args={"owner": "mlops", "retries": 2, "retry_delay": timedelta(minutes=1),
+                  "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=15)},
+    params={
+        "reason": Param("scheduled quarterly recalibration", type="string", minLength=3, maxLength=500,
+                        description="Why this run happens (kept on every MLflow run it makes)."),
+        "triggered_by": Param("manual", type="string", enum=["manual", "drift"],
+                              description="Who asked, for runs that are not scheduled."),
+        "models": Param([], type="array", items={"type": "string", "enum": MODEL_NAMES}, uniqueItems=True,
+                        description="Subset of models to recalibrate; empty means all."),
+        "window_start": Param(None, type=["null", "string"], format="date",
+                              description="First day of the traffic window (UTC); default: last full quarter."),
+        "window_end": Param(None, type=["null", "string"], format="date",
+                            description="Day after the last day of the window (exclusive)."),
+    },
+    doc_md=__doc__,
+)
+def quarterly_recalibration():
+    @task
+    def plan(**context) -> dict:
+        """Validate the run's parameters and fix its traffic window and model list."""
+        from qat_tasks.pipeline import plan_run
+
+        dr = context["dag_run"]
+        return plan_run(CONFIG, context["params"], dag_id=dr.dag_id, run_id=dr.run_id, run_type=str(dr.run_type),
+                        reference=dr.logical_date or dr.run_after)
+
+    @task
+    def refresh_calibration(run: dict) -> dict:
+        """Stream the window's logs into a versioned calibration / QAT-training / evaluation set."""
+        from qat_tasks.pipeline import refresh_stage
+
+        return refresh_stage(CONFIG, run)
+
+    @task
+    def tracked_models(run: dict) -> list[str]:
+        """The selected models whose quarterly track exists (mapped over below)."""
+        from qat_tasks.pipeline import tracked_models
+
+        return tracked_models(CONFIG, run)
+
+    @task(map_index_template="{{ model_name }}")
+    def ensure_champion(run: dict, calibration: dict, model_name: str) -> dict:
+        """Find @champion, or fine-tune, register and alias an FP32 one."""
+        from qat_tasks.pipeline import champion_stage
+
+        return champion_stage(CONFIG, run, calibration, model_name)
+
+    @task(map_index_template="{{ champion['model'] }}")
+    def evaluate_champion(run: dict, calibration: dict, champion: dict) -> dict:
+        """Measure the champion in ONNX Runtime on the reviewed evaluation split."""
+        from qat_tasks.pipeline import evaluate_stage
+
+        return evaluate_stage(CONFIG, run, calibration, champion)
+
+    @task
+    def report(run: dict, calibration: dict, evaluations: list[dict]) -> dict:
+        """Close the per-model parent runs and print what happened."""
+        from qat_tasks.pipeline import report_stage
+
+        return report_stage(CONFIG, run, calibration, list(evaluations))
+
+    run = plan()
+    calibration = refresh_calibration(run)
+    champions = ensure_champion.partial(run=run, calibration=calibration).expand(model_name=tracked_models(run))
+    evaluations = evaluate_champion.partial(run=run, calibration=calibration).expand(champion=champions)
+    report(run, calibration, evaluations)
+
+
+quarterly_recalibration()

@@ -1,0 +1,106 @@
+"""`qat-tasks`: every pipeline stage without Airflow.
+
+  qat-tasks validate-config configs/demo.yaml configs/production.yaml
+  qat-tasks generate-traffic --out data/traffic_sample --start 2026-07-01 --end 2026-10-01 --per-day 300
+  qat-tasks refresh --start 2026-07-01 --end 2026-10-01 --reason "drift in checkout_help"
+  qat-tasks run --reason "manual recalibration" [--models intent-classifier] [--start .. --end ..]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import uuid
+from datetime import UTC, date, datetime
+
+from qat_tasks.config import ConfigError, load_config
+
+
+def _date(s: str) -> date:
+    try:
+        return date.fromisoformat(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date (YYYY-MM-DD): {s!r}") from None
+
+
+def _plan(args, cfg) -> dict:
+    from qat_tasks.pipeline import plan_run
+
+    params = {"reason": args.reason, "models": args.models or [], "triggered_by": "manual",
+              "window_start": args.start.isoformat() if args.start else None,
+              "window_end": args.end.isoformat() if args.end else None}
+    run_id = args.run_id or f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}__{uuid.uuid4().hex[:6]}"
+    return plan_run(cfg, params, dag_id="quarterly_recalibration", run_id=run_id, run_type="cli", reference=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qat-tasks", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", help="pipeline config (default: $QAT_CONFIG or configs/demo.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate-config", help="parse config files and report every problem")
+    p.add_argument("paths", nargs="+")
+
+    p = sub.add_parser("generate-traffic", help="write generated MangaAssist traffic (folder or s3://)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--start", type=_date, required=True)
+    p.add_argument("--end", type=_date, required=True, help="exclusive")
+    p.add_argument("--per-day", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corrupt-rate", type=float, default=0.0, help="fraction of lines to corrupt (tests, demos)")
+    p.add_argument("--files-per-day", type=int, default=1)
+    p.add_argument("--plain", action="store_true", help="write .jsonl instead of .jsonl.gz")
+
+    for name, help_ in (("refresh", "refresh calibration data for a window"),
+                        ("run", "the whole quarterly run: refresh, champion, evaluation")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--reason", required=True)
+        p.add_argument("--start", type=_date)
+        p.add_argument("--end", type=_date)
+        p.add_argument("--models", nargs="*")
+        p.add_argument("--run-id", help="reuse to resume an interrupted run (default: a new id)")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "validate-config":
+            bad = 0
+            for path in args.paths:
+                try:
+                    cfg = load_config(path)
+                    print(f"ok    {path} (profile {cfg.profile}, {len(cfg.models)} models)")
+                except ConfigError as exc:
+                    bad += 1
+                    print(f"error {exc}", file=sys.stderr)
+            return 1 if bad else 0
+        if args.command == "generate-traffic":
+            from qat_tasks.traffic import generate
+
+            stats = generate(args.out, args.start, args.end, args.per_day, seed=args.seed, compress=not args.plain,
+                             corrupt_rate=args.corrupt_rate, files_per_day=args.files_per_day, progress=True)
+            print(json.dumps(dict(sorted(stats.items())), indent=1))
+            return 0
+        cfg = load_config(args.config)
+        from qat_tasks import pipeline
+
+        run = _plan(args, cfg)
+        calibration = pipeline.refresh_stage(cfg, run)
+        print(json.dumps(calibration, indent=1))
+        if args.command == "run":
+            evaluations = []
+            for name in pipeline.tracked_models(cfg, run):
+                champion = pipeline.champion_stage(cfg, run, calibration, name)
+                evaluations.append(pipeline.evaluate_stage(cfg, run, calibration, champion))
+            print(json.dumps(pipeline.report_stage(cfg, run, calibration, evaluations), indent=1))
+        return 0
+    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"qat-tasks: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

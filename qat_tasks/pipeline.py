@@ -1,0 +1,146 @@
+"""The quarterly run, stage by stage, as plain functions over small dicts.
+
+The Airflow DAG and the `qat-tasks` CLI both call these; what goes in and out is XCom-sized (ids, URIs,
+scalar metrics), never data.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, date, datetime
+
+from qat_tasks.config import ConfigError, PipelineConfig
+from qat_tasks.tracking import RunContext
+
+log = logging.getLogger(__name__)
+
+MAX_WINDOW_DAYS = 400
+# Roles whose quarterly track is built in this release; other configured models are reported as skipped.
+TRACKS = frozenset({"intent_classifier"})
+
+
+class ParamError(ValueError):
+    """A run parameter that cannot be honoured; the message names it."""
+
+
+def previous_quarter(reference: date) -> tuple[date, date]:
+    """[start, end) of the calendar quarter before the one holding `reference`."""
+    q_start = date(reference.year, 3 * ((reference.month - 1) // 3) + 1, 1)
+    prev_month = q_start.month - 3
+    start = date(q_start.year - 1, prev_month + 12, 1) if prev_month < 1 else date(q_start.year, prev_month, 1)
+    return start, q_start
+
+
+def plan_run(cfg: PipelineConfig, params: dict, *, dag_id: str, run_id: str, run_type: str,
+             reference: datetime | date | None) -> dict:
+    reason = str(params.get("reason") or "").strip()
+    if len(reason) < 3:
+        raise ParamError("params.reason: say why this run happens (at least 3 characters)")
+    known = [m.name for m in cfg.models]
+    wanted = list(params.get("models") or known)
+    unknown = [m for m in wanted if m not in known]
+    if unknown:
+        raise ParamError(f"params.models: unknown model(s) {unknown}; configured: {known}")
+
+    start_s, end_s = params.get("window_start"), params.get("window_end")
+    if bool(start_s) != bool(end_s):
+        raise ParamError("params.window_start and params.window_end go together: give both or neither")
+    if start_s:
+        try:
+            start, end = date.fromisoformat(start_s), date.fromisoformat(end_s)
+        except ValueError as exc:
+            raise ParamError(f"params.window_start/window_end: not an ISO date ({exc})") from None
+    elif cfg.traffic.window is not None:
+        start, end = cfg.traffic.window.start, cfg.traffic.window.end
+    else:
+        ref = reference.date() if isinstance(reference, datetime) else (reference or datetime.now(UTC).date())
+        start, end = previous_quarter(ref)
+    if end <= start:
+        raise ParamError(f"traffic window: end {end} must be after start {start}")
+    if (end - start).days > MAX_WINDOW_DAYS:
+        raise ParamError(f"traffic window: {(end - start).days} days is longer than {MAX_WINDOW_DAYS}")
+    if start > datetime.now(UTC).date():
+        raise ParamError(f"traffic window: starts in the future ({start})")
+
+    trigger = "scheduled" if "scheduled" in run_type.lower() else str(params.get("triggered_by") or "manual")
+    ctx = RunContext(dag_id=dag_id, run_id=run_id, reason=reason, trigger=trigger)
+    log.info("run %s (%s): %s | window [%s, %s) | models %s", run_id, trigger, reason, start, end, wanted)
+    return {"ctx": ctx.to_dict(), "window": {"start": start.isoformat(), "end": end.isoformat()}, "models": wanted}
+
+
+def tracked_models(cfg: PipelineConfig, run: dict) -> list[str]:
+    skipped = [m for m in run["models"] if cfg.model(m).role not in TRACKS]
+    if skipped:
+        log.warning("no quarterly track for %s in this release yet: skipped", skipped)
+    return [m for m in run["models"] if cfg.model(m).role in TRACKS]
+
+
+def _ctx(run: dict) -> RunContext:
+    return RunContext(**run["ctx"])
+
+
+def refresh_stage(cfg: PipelineConfig, run: dict, progress: bool = True) -> dict:
+    from qat_tasks.calibration import refresh_tracked
+
+    w = run["window"]
+    return refresh_tracked(cfg, date.fromisoformat(w["start"]), date.fromisoformat(w["end"]), _ctx(run), progress)
+
+
+def champion_stage(cfg: PipelineConfig, run: dict, calibration: dict, model_name: str) -> dict:
+    from qat_tasks.champion import ensure_champion
+
+    try:
+        return ensure_champion(cfg, model_name, calibration["uri"], _ctx(run))
+    except Exception:
+        _fail_parent(cfg, run, model_name, calibration)
+        raise
+
+
+def evaluate_stage(cfg: PipelineConfig, run: dict, calibration: dict, champion: dict) -> dict:
+    from qat_tasks.evaluation import evaluate_champion
+
+    try:
+        return evaluate_champion(cfg, champion["model"], calibration["uri"], champion, _ctx(run))
+    except Exception:
+        _fail_parent(cfg, run, champion["model"], calibration)
+        raise
+
+
+def _fail_parent(cfg: PipelineConfig, run: dict, model_name: str, calibration: dict) -> None:
+    from qat_tasks import tracking
+
+    try:
+        tracking.configure(cfg)
+        parent = tracking.model_parent_run(cfg, model_name, _ctx(run), calibration["version"])
+        tracking.finish_parent(parent, "FAILED")
+    except Exception:  # the original error matters more than this bookkeeping
+        log.exception("could not mark the MLflow parent run of %s as failed", model_name)
+
+
+def report_stage(cfg: PipelineConfig, run: dict, calibration: dict, evaluations: list[dict]) -> dict:
+    from qat_tasks import tracking
+
+    tracking.configure(cfg)
+    ctx = _ctx(run)
+    for ev in evaluations:
+        tracking.finish_parent(tracking.model_parent_run(cfg, ev["model"], ctx, calibration["version"]))
+    evaluated = {ev["model"] for ev in evaluations}
+    skipped = [m for m in run["models"] if m not in evaluated]
+    lines = [f"quarterly recalibration {ctx.run_id} ({ctx.trigger}: {ctx.reason})",
+             f"  calibration version {calibration['version']} -> {calibration['uri']}",
+             f"  rows: {calibration['rows']}, warnings: {calibration['warnings']}"]
+    for ev in evaluations:
+        m = ev["metrics"]
+        lines.append(f"  {ev['model']} v{ev['version']}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
+                     f"rare-class accuracy {m.get('rare_class_accuracy', float('nan')):.3f}, escalation recall "
+                     f"{m.get('escalation_recall', float('nan')):.3f}, ECE {m['ece']:.3f}, P95 {m['p95_ms']:.1f} ms, "
+                     f"{m['size_mb']:.1f} MB")
+    if skipped:
+        lines.append(f"  not run in this release (track not built yet): {skipped}")
+    lines.append(f"  MLflow: {cfg.tracking_uri}")
+    log.info("\n".join(lines))
+    return {"calibration_version": calibration["version"], "evaluated": sorted(evaluated), "skipped": skipped}
+
+
+__all__ = ["ConfigError", "ParamError", "plan_run", "previous_quarter", "refresh_stage", "champion_stage",
+           "evaluate_stage", "report_stage"]

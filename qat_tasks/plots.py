@@ -1,0 +1,102 @@
+"""Figures that MLOps engineers would rather look at than read; each returns a matplotlib Figure for
+mlflow.log_figure. Agg backend: no display needed on workers."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def composition(manifest: dict, intents: list[str]):
+    """Per-intent rows in each split, next to the intent's share of the window's traffic."""
+    splits = list(manifest["splits"])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    x = np.arange(len(intents))
+    width = 0.8 / len(splits)
+    for k, split in enumerate(splits):
+        counts = [manifest["splits"][split]["per_intent"].get(i, 0) for i in intents]
+        ax.bar(x + k * width - 0.4 + width / 2, counts, width, label=f"{split} ({sum(counts)})")
+    ax.set_xticks(x, intents, rotation=40, ha="right")
+    ax.set_ylabel("rows")
+    ax.set_yscale("log")
+    ax.set_title(f"calibration version {manifest['version']}")
+    ax.legend()
+    traffic = manifest["traffic_intents"]
+    total = sum(traffic.values()) or 1
+    ax2.barh(intents[::-1], [100 * traffic.get(i, 0) / total for i in intents[::-1]], color="grey")
+    ax2.set_xlabel("% of window traffic")
+    w = manifest["window"]
+    ax2.set_title(f"traffic {w['start']} .. {w['end']} ({total:,} requests)")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(cm: np.ndarray, labels: list[str], title: str):
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if cm[i, j]:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("reviewed label")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="row-normalised")
+    fig.tight_layout()
+    return fig
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int, title: str):
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(confidence, edges) - 1, 0, bins - 1)
+    acc = np.array([correct[idx == b].mean() if (idx == b).any() else np.nan for b in range(bins)])
+    count = np.bincount(idx, minlength=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.bar(centers, np.nan_to_num(acc), width=1 / bins, edgecolor="black", alpha=0.7, label="accuracy")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    ax2.bar(centers, count, width=1 / bins, color="grey")
+    ax2.set_xlabel("confidence")
+    ax2.set_ylabel("rows")
+    fig.tight_layout()
+    return fig
+
+
+def per_class_recall(recall: dict[str, float], rare: list[str], title: str):
+    labels = list(recall)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(labels, [recall[k] for k in labels], color=["tab:red" if k in rare else "tab:blue" for k in labels])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("recall")
+    ax.set_title(title + " (rare intents in red)")
+    ax.tick_params(axis="x", rotation=40)
+    fig.tight_layout()
+    return fig
+
+
+def latency_distribution(samples_ms: dict[str, list[float]], title: str):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, samples in samples_ms.items():
+        p95 = float(np.percentile(samples, 95))
+        ax.hist(samples, bins=40, alpha=0.6, label=f"{name} (P95 {p95:.1f} ms)")
+        ax.axvline(p95, linestyle="--", linewidth=1)
+    ax.set_xlabel("latency at batch 1 (ms)")
+    ax.set_ylabel("requests")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def close(fig) -> None:
+    plt.close(fig)

@@ -1,0 +1,110 @@
+"""Model packaging and the MLflow model registry: aliases (@champion, @challenger, ...) instead of stages.
+
+An encoder model version is an MLflow pyfunc whose artifacts are the Hugging Face folder (weights for
+further training and quantization), the ONNX graph that production serves, and the label list.
+`mlflow models serve -m models:/mangaassist-intent-classifier@champion` answers {"text": [...]}.
+
+Registration is idempotent: a version is tagged with the MLflow run that produced it, and a retry of that
+run finds the version instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import mlflow.pyfunc
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+
+
+class EncoderClassifierModel(mlflow.pyfunc.PythonModel):
+    """Serves the packaged ONNX classifier: input a DataFrame with a `text` column."""
+
+    def load_context(self, context):
+        from transformers import AutoTokenizer
+
+        from qat_tasks.modeling import OnnxClassifier
+
+        meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        tokenizer = AutoTokenizer.from_pretrained(context.artifacts["hf"])
+        self.classifier = OnnxClassifier(Path(context.artifacts["onnx"]), tokenizer, meta["labels"], meta["max_length"])
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        texts = list(model_input["text"]) if hasattr(model_input, "columns") else list(model_input)
+        probs = self.classifier.predict_proba(texts)
+        labels = self.classifier.labels
+        return pd.DataFrame({"intent": [labels[i] for i in probs.argmax(1)], "confidence": probs.max(1)})
+
+
+def log_encoder(hf_dir: Path, onnx_path: Path, meta: dict) -> str:
+    """Log the packaged model into the active run; returns its model URI."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    meta_path = hf_dir.parent / "meta.json"
+    meta_path.write_text(json.dumps(meta, indent=2))
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+                               outputs=Schema([ColSpec("string", "intent"), ColSpec("double", "confidence")]))
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=EncoderClassifierModel(),
+        artifacts={"hf": str(hf_dir), "onnx": str(onnx_path), "meta": str(meta_path)},
+        signature=signature,
+        pip_requirements=["onnxruntime", "transformers", "pandas", "qat-tasks"],
+    )
+    return info.model_uri
+
+
+def find_version(client, name: str, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    for v in versions:
+        if v.tags.get("source_run_id") == run_id or v.run_id == run_id:
+            return v
+    return None
+
+
+def register(client, name: str, model_uri: str, run_id: str, tags: dict[str, str], description: str) -> str:
+    """Register `model_uri` as a version of `name` once per producing run; returns the version number."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    existing = find_version(client, name, run_id)
+    if existing is not None:
+        log.info("model %s version %s already registered by run %s: reusing it", name, existing.version, run_id)
+        return str(existing.version)
+    try:
+        client.create_registered_model(name, description="MangaAssist model; versions are promoted by alias")
+    except MlflowException:
+        pass  # exists
+    mv = mlflow.register_model(model_uri, name, tags={"source_run_id": run_id, **tags})
+    client.update_model_version(name, mv.version, description=description)
+    return str(mv.version)
+
+
+def alias_version(client, name: str, alias: str):
+    """The model version behind `name@alias`, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def download(name: str, alias_or_version: str, dest: Path) -> dict[str, Path]:
+    """Local paths of a packaged encoder version: hf folder, onnx file and meta."""
+    ref = f"models:/{name}@{alias_or_version}" if not alias_or_version.isdigit() else f"models:/{name}/{alias_or_version}"
+    root = Path(mlflow.artifacts.download_artifacts(ref, dst_path=str(dest)))
+    art = root / "artifacts"
+    onnx = next(art.glob("*.onnx"), None) or next(art.rglob("*.onnx"))
+    return {"root": root, "hf": art / "hf", "onnx": onnx, "meta": art / "meta.json"}

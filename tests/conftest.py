@@ -1,0 +1,101 @@
+"""Test isolation: Airflow, MLflow and the pipeline's state live in a temporary folder per session, and
+the pipeline runs on a tiny config (tiny random-initialised encoder, small splits) over generated traffic.
+Environment is set before anything imports Airflow or MLflow."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+_SESSION = Path(tempfile.mkdtemp(prefix="qat-tests-"))
+WINDOW = (date(2026, 7, 1), date(2026, 7, 15))
+
+os.environ.update({
+    "AIRFLOW_HOME": str(_SESSION / "airflow"),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_SESSION / 'airflow' / 'airflow.db'}",
+    "MLFLOW_TRACKING_URI": f"sqlite:///{_SESSION / 'mlflow' / 'mlflow.db'}",
+    "QAT_STATE_DIR": str(_SESSION / "state"),
+    "QAT_CONFIG": str(_SESSION / "tiny.yaml"),
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+})
+(_SESSION / "airflow").mkdir(parents=True, exist_ok=True)
+(_SESSION / "mlflow").mkdir(parents=True, exist_ok=True)
+
+
+def tiny_config_dict(traffic: str) -> dict:
+    """The demo config, shrunk: same keys, tiny model and splits."""
+    data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    data["profile"] = "test"
+    data["traffic"]["source"] = traffic
+    data["calibration"]["sizes"] = {"calibration": 64, "qat_train": 400, "evaluation": 150}
+    data["calibration"]["llm_conversations"] = 16
+    data["calibration"]["min_per_intent"] = 3
+    data["models"][0]["source"] = "tiny-random://bert"
+    data["models"][0]["training"] = {"epochs": 1, "learning_rate": 1.0e-3, "batch_size": 64, "max_length": 32}
+    data["evaluation"] = {"threads": 1, "latency_samples": 20, "warmup": 2, "throughput_batch": 8, "ece_bins": 10}
+    return data
+
+
+@pytest.fixture(scope="session")
+def traffic_dir() -> Path:
+    from qat_tasks.traffic import generate
+
+    out = _SESSION / "traffic"
+    generate(str(out), *WINDOW, records_per_day=250, seed=11, corrupt_rate=0.005)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_config_path(traffic_dir) -> Path:
+    path = Path(os.environ["QAT_CONFIG"])
+    path.write_text(yaml.safe_dump(tiny_config_dict(str(traffic_dir))))
+    return path
+
+
+@pytest.fixture()
+def tiny_config(tiny_config_path):
+    from qat_tasks.config import load_config
+
+    return load_config(tiny_config_path)
+
+
+@pytest.fixture()
+def make_config(traffic_dir, tmp_path):
+    """A tiny config with overrides, its state in this test's own folder."""
+    from qat_tasks.config import parse_config
+
+    def make(traffic: str | None = None, **sections):
+        data = tiny_config_dict(traffic or str(traffic_dir))
+        data["state_dir"] = str(tmp_path / "state")
+        for dotted, value in sections.items():
+            node = data
+            *parents, leaf = dotted.split("__")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        return parse_config(data, "test-config")
+
+    os.environ.pop("QAT_STATE_DIR", None)
+    yield make
+    os.environ["QAT_STATE_DIR"] = str(_SESSION / "state")
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    from airflow.utils import db
+
+    db.initdb()
+    return True
