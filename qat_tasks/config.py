@@ -41,8 +41,9 @@ class TrackingConfig(Strict):
 
 
 class WindowConfig(Strict):
-    start: date
-    end: date  # exclusive
+    # Unquoted YAML dates arrive as dates, quoted ones as ISO strings: accept both, nothing else.
+    start: date = Field(strict=False)
+    end: date = Field(strict=False)  # exclusive
 
     @model_validator(mode="after")
     def _ordered(self) -> WindowConfig:
@@ -240,6 +241,8 @@ def _describe(err: dict, data: object) -> str:
         hint = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
         suffix = f" (did you mean {hint[0]!r}?)" if hint else (f" (allowed: {', '.join(allowed)})" if allowed else "")
         return f"{loc}: unknown key{suffix}"
+    if err["type"] == "missing":
+        return f"{loc}: missing (required)"
     return f"{loc}: {err['msg']} (got {err.get('input')!r})"
 
 

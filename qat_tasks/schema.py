@@ -119,7 +119,7 @@ def reason_category(reason: str) -> str:
         return f"unknown_intent:{field}"
     if msg == "unexpected field":
         return "unexpected_field"
-    if "Input should be a valid" in msg or "Input should be" in msg:
+    if msg.startswith(("Input should be a valid", "Input should be an object")):
         return f"wrong_type:{field}"
     return f"invalid:{field}"
 

@@ -6,7 +6,6 @@ Layout of logged traffic:  <root>/dt=YYYY-MM-DD/<any name>.jsonl[.gz]
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import re
 import shutil
@@ -77,17 +76,17 @@ def open_lines(uri: str, endpoint_url: str | None = None) -> Iterator[bytes]:
     """Stream the lines of a plain or gzip JSONL file (local or s3) without loading it whole."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        body = s3_client(endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]
-        raw: io.RawIOBase = body._raw_stream if hasattr(body, "_raw_stream") else body  # type: ignore[assignment]
-        stream = io.BufferedReader(raw, buffer_size=1 << 20) if not hasattr(raw, "peek") else raw
-    else:
-        stream = open(uri, "rb", buffering=1 << 20)  # noqa: SIM115
-    try:
-        if uri.endswith(".gz"):
-            stream = gzip.GzipFile(fileobj=stream)
-        yield from stream
-    finally:
-        stream.close()
+        body = s3_client(endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]  # a streaming file object
+        try:
+            if uri.endswith(".gz"):
+                yield from gzip.GzipFile(fileobj=body)
+            else:
+                yield from body.iter_lines(chunk_size=1 << 20, keepends=True)
+        finally:
+            body.close()
+        return
+    with open(uri, "rb", buffering=1 << 20) as fh:
+        yield from (gzip.GzipFile(fileobj=fh) if uri.endswith(".gz") else fh)
 
 
 def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:

@@ -20,6 +20,7 @@ def test_valid_record_parses():
 @pytest.mark.parametrize("mutate,category", [
     (lambda d: d.update(confidence="0.91"), "wrong_type:confidence"),
     (lambda d: d.update(turn="1"), "wrong_type:turn"),
+    (lambda d: d.update(timestamp=20260701), "wrong_type:timestamp"),
     (lambda d: d.pop("text"), "missing:text"),
     (lambda d: d.update(text="   "), "invalid:text"),
     (lambda d: d.update(intent="weather"), "unknown_intent:intent"),

@@ -1,0 +1,184 @@
+import gzip
+import json
+import re
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from qat_tasks import storage
+from qat_tasks.calibration import (
+    SPLITS,
+    EmptyWindowError,
+    IntentCoverageError,
+    InvalidTrafficError,
+    RefreshError,
+    allocate,
+    load_split,
+    normalize,
+    refresh,
+)
+from qat_tasks.schema import INTENTS
+from qat_tasks.traffic import generate
+
+from .conftest import WINDOW
+
+
+@pytest.fixture()
+def result(make_config):
+    return refresh(make_config(), *WINDOW, progress=False)
+
+
+def test_counts_and_quarantine(result):
+    m = result.manifest
+    inp = m["input"]
+    assert inp["lines"] == inp["valid"] + inp["invalid"] + inp["blank_lines"]
+    assert inp["invalid"] > 0 and sum(inp["invalid_reasons"].values()) == inp["invalid"]
+    quarantined = [json.loads(x) for x in gzip.decompress(Path(inp["quarantine"]).read_bytes()).splitlines()]
+    assert len(quarantined) == inp["invalid"]  # every invalid line is kept, none silently dropped
+    assert all(q["reason"] and q["source"].endswith(".jsonl.gz") and q["line"] >= 1 for q in quarantined)
+    assert not any(re.search(r"[\w.+-]+@[\w-]+\.\w+", q["raw"]) for q in quarantined)  # scrubbed evidence
+    assert inp["duplicate_requests"] > 0 and inp["duplicate_texts"] > 0
+    assert set(inp["pii_scrubbed"]) >= {"EMAIL", "PHONE", "ADDRESS"}
+
+
+def test_splits_have_no_leakage_and_no_personal_data(result):
+    rows = {s: load_split(result.uri, s) for s in SPLITS}
+    convs = {s: {r["conversation_id"] for r in rows[s]} for s in SPLITS}
+    texts = {s: {normalize(r["text"]) for r in rows[s]} for s in SPLITS}
+    for a in SPLITS:
+        for b in SPLITS:
+            if a < b:
+                assert not convs[a] & convs[b], f"{a} and {b} share conversations"
+                assert not texts[a] & texts[b], f"{a} and {b} share texts"
+    everything = json.dumps(rows)
+    assert not re.search(r"[\w.+-]+@[\w-]+\.\w{2,}", everything)
+    assert not re.search(r"\(\d{3}\) \d{3}-\d{4}", everything)
+    assert "MA-" in everything  # order numbers survive scrubbing
+
+
+def test_evaluation_is_reviewed_and_every_intent_is_stratified(result):
+    m = result.manifest
+    evaluation = load_split(result.uri, "evaluation")
+    assert {r["label_source"] for r in evaluation} == {"reviewed"}
+    for split in SPLITS:
+        meta = m["splits"][split]
+        assert meta["rows"] == sum(meta["per_intent"].values()) <= meta["requested"]
+        assert set(meta["per_intent"]) == set(INTENTS), split
+        floor = m["settings"]["min_per_intent"]
+        assert all(meta["per_intent"][i] >= min(floor, meta["eligible_per_intent"][i]) for i in INTENTS)
+    # Rare intents are over-sampled relative to their share of traffic.
+    share = m["traffic_intents"]["escalation"] / sum(m["traffic_intents"].values())
+    qat = m["splits"]["qat_train"]
+    assert qat["per_intent"]["escalation"] / qat["rows"] >= share
+    assert set(m["llm_conversations"]["intents_covered"]) == set(INTENTS)
+    assert m["llm_conversations"]["conversations"] == 16
+
+
+def test_edge_cases_are_kept(result):
+    kinds = set()
+    for split in SPLITS:
+        kinds |= set(result.manifest["splits"][split]["edge_cases"])
+    assert kinds == {"low_confidence", "long", "non_english"}
+
+
+def test_same_window_and_seed_give_the_same_version(make_config, result):
+    again = refresh(make_config(), *WINDOW, progress=False)
+    assert again.version == result.version and again.manifest == result.manifest
+    assert result.version.startswith("20260701-20260715-")
+    other_seed = refresh(make_config(calibration__seed=99), *WINDOW, progress=False)
+    assert other_seed.version != result.version
+
+
+def test_tampered_split_is_detected(result):
+    path = Path(result.split_uri("qat_train"))
+    path.write_bytes(storage.gzip_bytes("{}\n"))
+    with pytest.raises(RefreshError, match="does not match the sha256"):
+        load_split(result.uri, "qat_train")
+
+
+def test_empty_window_fails_clearly(make_config):
+    with pytest.raises(EmptyWindowError, match=r"no traffic logs .* \[2025-01-01, 2025-02-01\)"):
+        refresh(make_config(), date(2025, 1, 1), date(2025, 2, 1), progress=False)
+
+
+def test_missing_source_folder_fails_clearly(make_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        refresh(make_config(traffic=str(tmp_path / "nowhere")), *WINDOW, progress=False)
+
+
+def _write_lines(root: Path, day: str, lines: list[str], gz: bool = False):
+    part = root / f"dt={day}"
+    part.mkdir(parents=True, exist_ok=True)
+    body = "\n".join(lines) + "\n"
+    if gz:
+        (part / "traffic-0000.jsonl.gz").write_bytes(gzip.compress(body.encode()))
+    else:
+        (part / "traffic-0000.jsonl").write_text(body)
+
+
+def test_invalid_fraction_over_the_limit_fails_and_keeps_evidence(make_config, tmp_path):
+    src = tmp_path / "bad"
+    generate(str(src), date(2026, 7, 1), date(2026, 7, 3), records_per_day=200, seed=3, corrupt_rate=0.3,
+             compress=False)
+    cfg = make_config(traffic=str(src), traffic__max_invalid_fraction=0.05)
+    with pytest.raises(InvalidTrafficError) as err:
+        refresh(cfg, date(2026, 7, 1), date(2026, 7, 3), progress=False)
+    msg = str(err.value)
+    assert "above the limit of 5.0% (traffic.max_invalid_fraction)" in msg and "malformed_json" in msg
+    quarantine = Path(msg.rsplit("Quarantined lines with reasons: ", 1)[1])
+    assert quarantine.exists() and len(gzip.decompress(quarantine.read_bytes()).splitlines()) > 50
+
+
+def test_window_of_only_invalid_lines_is_empty(make_config, tmp_path):
+    src = tmp_path / "junk"
+    _write_lines(src, "2026-07-01", ["{not json", '{"schema_version": 1}', "[]"])
+    with pytest.raises(EmptyWindowError, match="holds no valid record"):
+        refresh(make_config(traffic=str(src)), date(2026, 7, 1), date(2026, 7, 2), progress=False)
+
+
+def test_missing_intent_fails_or_warns_as_configured(make_config, tmp_path):
+    src = tmp_path / "no-escalation"
+    generate(str(src), date(2026, 7, 1), date(2026, 7, 4), records_per_day=250, seed=5, compress=False)
+    for f in src.rglob("*.jsonl"):  # a window in which nobody escalated
+        keep = [x for x in f.read_text().splitlines()
+                if json.loads(x)["intent"] != "escalation" and json.loads(x)["reviewed_label"] != "escalation"]
+        f.write_text("\n".join(keep) + "\n")
+    with pytest.raises(IntentCoverageError, match=r"\['escalation'\] have no traffic"):
+        refresh(make_config(traffic=str(src)), date(2026, 7, 1), date(2026, 7, 4), progress=False)
+    res = refresh(make_config(traffic=str(src), calibration__on_missing_intent="warn"),
+                  date(2026, 7, 1), date(2026, 7, 4), progress=False)
+    assert any("escalation" in w for w in res.manifest["warnings"])
+
+
+def test_underrepresented_intent_can_fail(make_config):
+    cfg = make_config(calibration__min_per_intent=500, calibration__on_underrepresented_intent="fail")
+    with pytest.raises(IntentCoverageError, match="under-represented"):
+        refresh(cfg, *WINDOW, progress=False)
+
+
+def test_allocate_respects_floor_and_total():
+    avail = {"a": 1000, "b": 500, "c": 8, "d": 0}
+    q = allocate(200, avail, floor=20)
+    assert sum(q.values()) == 200 and q["c"] == 8 and q["d"] == 0 and q["a"] > q["b"] > 20
+    assert allocate(2000, avail, floor=20) == avail
+
+
+def test_refresh_from_s3_gzip_and_plain(make_config, s3_endpoint):
+    from qat_tasks.storage import s3_client
+
+    s3_client(s3_endpoint).create_bucket(Bucket="logs")
+    window = (date(2026, 7, 1), date(2026, 7, 3))
+    generate("s3://logs/inference", *window, records_per_day=150, seed=2, endpoint_url=s3_endpoint)
+    generate("s3://logs/plain", *window, records_per_day=150, seed=2, compress=False, endpoint_url=s3_endpoint)
+    lenient = dict(calibration__on_underrepresented_intent="warn", calibration__min_per_intent=1,
+                   calibration__on_missing_intent="warn", traffic__s3_endpoint_url=s3_endpoint)
+    a = refresh(make_config(traffic="s3://logs/inference", **lenient), *window, progress=False)
+    b = refresh(make_config(traffic="s3://logs/plain", **lenient), *window, progress=False)
+    assert a.manifest["input"]["lines"] == b.manifest["input"]["lines"] > 250
+    assert a.version == b.version  # same content, whatever the encoding
+    assert a.manifest["source"] == "s3://logs/inference"
+    out = make_config(traffic="s3://logs/inference", calibration__output="s3://logs/calibration", **lenient)
+    c = refresh(out, *window, progress=False)
+    assert c.uri == f"s3://logs/calibration/{c.version}" and c.version == a.version
+    assert len(load_split(c.uri, "qat_train", s3_endpoint)) == c.manifest["splits"]["qat_train"]["rows"]
