@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
 
 from qat_tasks.config import load_config
 
@@ -26,7 +26,8 @@ MODEL_NAMES = [m.name for m in CONFIG.models]
 
 @dag(
     dag_id="quarterly_recalibration",
-    schedule="0 0 1 1,4,7,10 *",
+    # Explicitly a data-interval timetable: the run at 00:00 UTC on 1 October covers [1 July, 1 October).
+    schedule=CronDataIntervalTimetable("0 0 1 1,4,7,10 *", timezone="UTC"),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -48,16 +49,18 @@ MODEL_NAMES = [m.name for m in CONFIG.models]
     doc_md=__doc__,
 )
 def quarterly_recalibration():
-    @task
+    # multiple_outputs=False: a task's result is one XCom, not one per key of the returned dict.
+    @task(multiple_outputs=False)
     def plan(**context) -> dict:
         """Validate the run's parameters and fix its traffic window and model list."""
         from qat_tasks.pipeline import plan_run
 
         dr = context["dag_run"]
         return plan_run(CONFIG, context["params"], dag_id=dr.dag_id, run_id=dr.run_id, run_type=str(dr.run_type),
-                        reference=dr.logical_date or dr.run_after)
+                        reference=dr.logical_date or dr.run_after,
+                        interval=(context.get("data_interval_start"), context.get("data_interval_end")))
 
-    @task
+    @task(multiple_outputs=False)
     def refresh_calibration(run: dict) -> dict:
         """Stream the window's logs into a versioned calibration / QAT-training / evaluation set."""
         from qat_tasks.pipeline import refresh_stage
@@ -71,21 +74,21 @@ def quarterly_recalibration():
 
         return tracked_models(CONFIG, run)
 
-    @task(map_index_template="{{ model_name }}")
+    @task(multiple_outputs=False, map_index_template="{{ model_name }}")
     def ensure_champion(run: dict, calibration: dict, model_name: str) -> dict:
         """Find @champion, or fine-tune, register and alias an FP32 one."""
         from qat_tasks.pipeline import champion_stage
 
         return champion_stage(CONFIG, run, calibration, model_name)
 
-    @task(map_index_template="{{ champion['model'] }}")
+    @task(multiple_outputs=False, map_index_template="{{ champion['model'] }}")
     def evaluate_champion(run: dict, calibration: dict, champion: dict) -> dict:
         """Measure the champion in ONNX Runtime on the reviewed evaluation split."""
         from qat_tasks.pipeline import evaluate_stage
 
         return evaluate_stage(CONFIG, run, calibration, champion)
 
-    @task
+    @task(multiple_outputs=False)
     def report(run: dict, calibration: dict, evaluations: list[dict]) -> dict:
         """Close the per-model parent runs and print what happened."""
         from qat_tasks.pipeline import report_stage

@@ -32,7 +32,10 @@ def previous_quarter(reference: date) -> tuple[date, date]:
 
 
 def plan_run(cfg: PipelineConfig, params: dict, *, dag_id: str, run_id: str, run_type: str,
-             reference: datetime | date | None) -> dict:
+             reference: datetime | date | None, interval: tuple[datetime | None, datetime | None] = (None, None)
+             ) -> dict:
+    """Validate a run's parameters and fix its window: explicit params, else the config's window, else the
+    run's data interval (scheduled runs: the quarter that just ended), else the quarter before `reference`."""
     reason = str(params.get("reason") or "").strip()
     if len(reason) < 3:
         raise ParamError("params.reason: say why this run happens (at least 3 characters)")
@@ -52,6 +55,8 @@ def plan_run(cfg: PipelineConfig, params: dict, *, dag_id: str, run_id: str, run
             raise ParamError(f"params.window_start/window_end: not an ISO date ({exc})") from None
     elif cfg.traffic.window is not None:
         start, end = cfg.traffic.window.start, cfg.traffic.window.end
+    elif interval[0] is not None and interval[1] is not None and interval[1] > interval[0]:
+        start, end = interval[0].date(), interval[1].date()
     else:
         ref = reference.date() if isinstance(reference, datetime) else (reference or datetime.now(UTC).date())
         start, end = previous_quarter(ref)

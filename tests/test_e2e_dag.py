@@ -1,0 +1,127 @@
+"""The quarterly DAG end to end with Airflow's dag.test(): temporary SQLite Airflow DB, temporary SQLite
+MLflow store, generated traffic, tiny random-initialised encoder. Then the retry guarantees."""
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from .conftest import WINDOW
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = {"reason": "e2e test: new catalogue", "window_start": WINDOW[0].isoformat(), "window_end": WINDOW[1].isoformat()}
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def dag_run(airflow_db, tiny_config_path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["quarterly_recalibration"]
+    dr = dag.test(run_conf=CONF, logical_date=datetime(2026, 7, 16, tzinfo=UTC))
+    return dr
+
+
+@pytest.fixture(scope="module")
+def mlflow_client(tiny_config_path):
+    from qat_tasks.config import load_config
+    from qat_tasks.tracking import configure
+
+    return configure(load_config(tiny_config_path))
+
+
+def _xcom(dr, task_id):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as s:
+        rows = s.scalars(XComModel.get_many(run_id=dr.run_id, dag_ids=dr.dag_id, task_ids=task_id, key="return_value")).all()
+        return [XComModel.deserialize_value(r) for r in sorted(rows, key=lambda r: r.map_index)]
+
+
+def test_dag_run_succeeds(dag_run):
+    assert dag_run.state == "success"
+
+
+def test_champion_is_registered_with_lineage(dag_run, mlflow_client):
+    name = "mangaassist-intent-classifier"
+    versions = mlflow_client.search_model_versions(f"name = '{name}'")
+    assert len(versions) == 1
+    champ = mlflow_client.get_model_version_by_alias(name, "champion")
+    assert champ.tags["method"] == "fp32" and champ.tags["airflow.run_id"] == dag_run.run_id
+    assert champ.tags["calibration_version"].startswith("20260701-20260715-")
+
+
+def test_mlflow_holds_runs_datasets_metrics_and_plots(dag_run, mlflow_client):
+    cal_exp = mlflow_client.get_experiment_by_name("mangaassist-calibration")
+    (refresh_run,) = mlflow_client.search_runs([cal_exp.experiment_id],
+                                               f"tags.`airflow.run_id` = '{dag_run.run_id}'")
+    inputs = {t.value: inp for inp in refresh_run.inputs.dataset_inputs for t in inp.tags
+              if t.key == "mlflow.data.context"}
+    assert set(inputs) == {"calibration", "qat_train", "evaluation"}
+    tags = {t.key: t.value for t in inputs["evaluation"].tags}
+    assert tags["calibration.version"] == refresh_run.data.tags["calibration.version"] and "escalation" in tags["per_intent"]
+    artifacts = {a.path for a in mlflow_client.list_artifacts(refresh_run.info.run_id)}
+    assert {"manifest.json", "composition.png", "quarantine"} <= artifacts
+
+    exp = mlflow_client.get_experiment_by_name("mangaassist-intent-classifier")
+    runs = mlflow_client.search_runs([exp.experiment_id], f"tags.`airflow.run_id` = '{dag_run.run_id}'")
+    by_stage = {r.data.tags.get("stage", "parent"): r for r in runs}
+    assert set(by_stage) == {"parent", "bootstrap-champion", "evaluate-champion"}
+    parent = by_stage["parent"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["trigger.reason"] == CONF["reason"]
+    assert parent.data.tags["airflow.dag_id"] == "quarterly_recalibration"
+    assert parent.data.tags["calibration.version"] == refresh_run.data.tags["calibration.version"]
+    for child in ("bootstrap-champion", "evaluate-champion"):
+        assert by_stage[child].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    metrics = by_stage["evaluate-champion"].data.metrics
+    for key in ("accuracy", "macro_f1", "rare_class_accuracy", "escalation_recall", "ece", "p95_ms", "size_mb"):
+        assert key in metrics
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["p95_ms"] > 0
+    plots = {a.path for a in mlflow_client.list_artifacts(by_stage["evaluate-champion"].info.run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/reliability_diagram.png", "plots/per_class_recall.png",
+            "plots/latency_distribution.png"} <= plots
+    assert "champion.accuracy" in parent.data.metrics
+
+
+def test_xcom_carries_ids_and_uris_not_data(dag_run):
+    (cal,) = _xcom(dag_run, "refresh_calibration")
+    assert set(cal) == {"version", "uri", "run_id", "rows", "warnings"}
+    assert Path(cal["uri"]).is_dir()
+    for task_id in ("ensure_champion", "evaluate_champion"):
+        for value in _xcom(dag_run, task_id):
+            assert len(str(value)) < 2000
+
+
+def test_retrying_stages_of_the_same_run_duplicates_nothing(dag_run, mlflow_client, tiny_config):
+    from qat_tasks import pipeline
+
+    (run,) = _xcom(dag_run, "plan")
+    (cal,) = _xcom(dag_run, "refresh_calibration")
+    name = "mangaassist-intent-classifier"
+    # A retried refresh returns the finished result; a retried champion task after the process died
+    # between registering and aliasing restores the alias without a second version.
+    assert pipeline.refresh_stage(tiny_config, run, progress=False) == cal
+    mlflow_client.delete_registered_model_alias(name, "champion")
+    champion = pipeline.champion_stage(tiny_config, run, cal, "intent-classifier")
+    assert champion["version"] == "1"
+    assert str(mlflow_client.get_model_version_by_alias(name, "champion").version) == "1"
+    evaluation = pipeline.evaluate_stage(tiny_config, run, cal, champion)
+    assert evaluation == _xcom(dag_run, "evaluate_champion")[0]
+    assert len(mlflow_client.search_model_versions(f"name = '{name}'")) == 1
+    exp = mlflow_client.get_experiment_by_name("mangaassist-intent-classifier")
+    assert len(mlflow_client.search_runs([exp.experiment_id], f"tags.`airflow.run_id` = '{dag_run.run_id}'")) == 3
+
+
+def test_a_second_run_reuses_the_champion(dag_run, mlflow_client, tiny_config_path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["quarterly_recalibration"]
+    dr2 = dag.test(run_conf={**CONF, "reason": "drift: checkout_help", "triggered_by": "drift"},
+                   logical_date=datetime(2026, 7, 17, tzinfo=UTC))
+    assert dr2.state == "success"
+    assert len(mlflow_client.search_model_versions("name = 'mangaassist-intent-classifier'")) == 1
+    (champion,) = _xcom(dr2, "ensure_champion")
+    assert champion["bootstrapped"] is False
