@@ -125,3 +125,13 @@ def test_a_second_run_reuses_the_champion(dag_run, mlflow_client, tiny_config_pa
     assert len(mlflow_client.search_model_versions("name = 'mangaassist-intent-classifier'")) == 1
     (champion,) = _xcom(dr2, "ensure_champion")
     assert champion["bootstrapped"] is False
+
+
+def test_registered_champion_serves_through_mlflow_pyfunc(dag_run, mlflow_client):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model("models:/mangaassist-intent-classifier@champion")
+    out = model.predict(pd.DataFrame({"text": ["where is my order MA-2026-104233", "hi"]}))
+    assert list(out.columns) == ["intent", "confidence"] and len(out) == 2
+    assert out["confidence"].between(0, 1).all()
