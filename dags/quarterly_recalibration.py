@@ -93,7 +93,8 @@ def quarterly_recalibration():
         """Close the per-model parent runs and print what happened."""
         from qat_tasks.pipeline import report_stage
 
-        return report_stage(CONFIG, run, calibration, list(evaluations))
+        # Index by length: iterating the lazy sequence probes one past the end and logs a spurious error.
+        return report_stage(CONFIG, run, calibration, [evaluations[i] for i in range(len(evaluations))])
 
     run = plan()
     calibration = refresh_calibration(run)

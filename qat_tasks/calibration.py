@@ -278,12 +278,8 @@ def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligi
 
     missing = [i for i in INTENTS if traffic_intents[i] == 0]
     if missing:
-        msg = (f"intent(s) {missing} have no traffic in [{start}, {end}): the quantized models would be calibrated "
-               f"and judged without them")
-        if cal.on_missing_intent == "fail":
-            raise IntentCoverageError(msg + " (calibration.on_missing_intent: fail)")
-        warnings.append(msg)
-        log.warning(msg)
+        _coverage(f"intent(s) {missing} have no traffic in [{start}, {end}): the quantized models would be "
+                  f"calibrated and judged without them", "on_missing_intent", cal.on_missing_intent, warnings)
 
     splits: dict[str, list[dict]] = {}
     split_meta: dict[str, dict] = {}
@@ -302,12 +298,9 @@ def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligi
             rows.extend(edge_rows[:n_edge] + plain_rows[:take_plain])
         short = {i: eligible[split][i] for i in INTENTS if eligible[split][i] < cal.min_per_intent}
         if short:
-            msg = (f"{split}: intent(s) under-represented (fewer than calibration.min_per_intent="
-                   f"{cal.min_per_intent} rows available): {short}")
-            if cal.on_underrepresented_intent == "fail":
-                raise IntentCoverageError(msg + " (calibration.on_underrepresented_intent: fail)")
-            warnings.append(msg)
-            log.warning(msg)
+            _coverage(f"{split}: intent(s) under-represented (fewer than calibration.min_per_intent="
+                      f"{cal.min_per_intent} rows available): {short}", "on_underrepresented_intent",
+                      cal.on_underrepresented_intent, warnings)
         if len(rows) < n:
             warnings.append(f"{split}: {len(rows)} rows available, fewer than the {n} asked for")
         rows.sort(key=lambda r: r["request_id"])
@@ -357,6 +350,14 @@ def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligi
     log.info("calibration version %s: %s rows (calibration / qat_train / evaluation), %d LLM conversations -> %s",
              version, " / ".join(str(len(splits[s])) for s in SPLITS), len(llm_rows), uri)
     return RefreshResult(version=version, uri=uri, manifest=manifest)
+
+
+def _coverage(msg: str, key: str, policy: str, warnings: list[str]) -> None:
+    """Fail or warn, as `calibration.<key>` says, about an intent the window does not cover well enough."""
+    if policy == "fail":
+        raise IntentCoverageError(f"{msg} (calibration.{key}: fail)")
+    warnings.append(msg)
+    log.warning(msg)
 
 
 def _select_conversations(conversations: dict, n: int, seed: int, warnings: list[str]) -> list[dict]:

@@ -132,6 +132,9 @@ def ensure_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str, 
         tc = mcfg.training
         mlflow.log_params({"source": mcfg.source, "calibration_version": manifest["version"], "train_rows": len(rows),
                            **{f"training.{k}": v for k, v in tc.model_dump().items()}})
+        from transformers import set_seed
+
+        set_seed(tc.seed)  # before the head is initialised, so a rerun trains the same champion
         model, tokenizer = build_classifier(cfg, mcfg.source, labels)
         history = train_classifier(model, tokenizer, texts, y, len(labels), tc,
                                    log_metric=lambda k, v, s: mlflow.log_metric(k, v, step=s))

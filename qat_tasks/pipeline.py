@@ -143,7 +143,8 @@ def report_stage(cfg: PipelineConfig, run: dict, calibration: dict, evaluations:
     if skipped:
         lines.append(f"  not run in this release (track not built yet): {skipped}")
     lines.append(f"  MLflow: {cfg.tracking_uri}")
-    log.info("\n".join(lines))
+    for line in lines:  # one record per line: log viewers and the demo console keep them whole
+        log.info(line)
     return {"calibration_version": calibration["version"], "evaluated": sorted(evaluated), "skipped": skipped}
 
 

@@ -47,7 +47,7 @@ def confusion_matrix(cm: np.ndarray, labels: list[str], title: str):
                         color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("reviewed label")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, label="row-normalised")
     fig.tight_layout()
     return fig
@@ -63,7 +63,7 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int, title: s
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     ax.bar(centers, np.nan_to_num(acc), width=1 / bins, edgecolor="black", alpha=0.7, label="accuracy")
     ax.set_ylabel("accuracy")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.legend(loc="upper left")
     ax2.bar(centers, count, width=1 / bins, color="grey")
     ax2.set_xlabel("confidence")

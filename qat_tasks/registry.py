@@ -1,6 +1,6 @@
 """Model packaging and the MLflow model registry: aliases (@champion, @challenger, ...) instead of stages.
 
-An encoder model version is an MLflow pyfunc whose artifacts are the Hugging Face folder (weights for
+An encoder model version is an MLflow pyfunc (model from code: qat_tasks/pyfunc_model.py) whose artifacts are the Hugging Face folder (weights for
 further training and quantization), the ONNX graph that production serves, and the label list.
 `mlflow models serve -m models:/mangaassist-intent-classifier@champion` answers {"text": [...]}.
 
@@ -21,27 +21,6 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 
 
-class EncoderClassifierModel(mlflow.pyfunc.PythonModel):
-    """Serves the packaged ONNX classifier: input a DataFrame with a `text` column."""
-
-    def load_context(self, context):
-        from transformers import AutoTokenizer
-
-        from qat_tasks.modeling import OnnxClassifier
-
-        meta = json.loads(Path(context.artifacts["meta"]).read_text())
-        tokenizer = AutoTokenizer.from_pretrained(context.artifacts["hf"])
-        self.classifier = OnnxClassifier(Path(context.artifacts["onnx"]), tokenizer, meta["labels"], meta["max_length"])
-
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
-        texts = list(model_input["text"]) if hasattr(model_input, "columns") else list(model_input)
-        probs = self.classifier.predict_proba(texts)
-        labels = self.classifier.labels
-        return pd.DataFrame({"intent": [labels[i] for i in probs.argmax(1)], "confidence": probs.max(1)})
-
-
 def log_encoder(hf_dir: Path, onnx_path: Path, meta: dict) -> str:
     """Log the packaged model into the active run; returns its model URI."""
     from mlflow.models import ModelSignature
@@ -52,7 +31,7 @@ def log_encoder(hf_dir: Path, onnx_path: Path, meta: dict) -> str:
     signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
                                outputs=Schema([ColSpec("string", "intent"), ColSpec("double", "confidence")]))
     info = mlflow.pyfunc.log_model(
-        name="model", python_model=EncoderClassifierModel(),
+        name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
         artifacts={"hf": str(hf_dir), "onnx": str(onnx_path), "meta": str(meta_path)},
         signature=signature,
         pip_requirements=["onnxruntime", "transformers", "pandas", "qat-tasks"],
