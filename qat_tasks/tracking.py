@@ -1,8 +1,10 @@
 """MLflow conventions: one experiment per model (plus one for calibration data), one parent run per DAG run,
 and stage runs that a retried task finds again instead of duplicating.
 
-A stage run is keyed by the tag `qat.run_key` (DAG run id + model + stage). A retry resumes the same run;
-a stage that already finished returns the result it stored in the tag `qat.result` and does no work.
+A stage run is keyed by the tag `qat.run_key` (DAG run id + model + stage). A stage that already finished
+returns the result it stored in the tag `qat.result` and does no work. An attempt that was cut off (still
+RUNNING: the worker died) is resumed; one that FAILED stays as evidence and the retry starts a new run
+tagged `qat.previous_attempt`, so a fixed config can be logged without clashing with the old params.
 """
 
 from __future__ import annotations
@@ -84,10 +86,11 @@ def ensure_experiment(cfg: PipelineConfig, suffix: str) -> str:
 
 
 def find_run(experiment_id: str, key: str):
+    """The newest attempt at the stage run `key`, or None."""
     from mlflow import MlflowClient
 
     runs = MlflowClient().search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY}` = '{_quote(key)}'",
-                                      max_results=2, order_by=["attributes.start_time ASC"])
+                                      max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
 
 
@@ -106,13 +109,16 @@ def cached_result(experiment_id: str, key: str) -> dict | None:
 @contextmanager
 def stage_run(experiment_id: str, key: str, run_name: str, tags: dict[str, str] | None = None,
               parent_run_id: str | None = None) -> Iterator:
-    """Start the run for this stage, or resume it when a previous attempt left one behind."""
+    """Start the run for this stage, or resume the one an interrupted attempt left RUNNING."""
     import mlflow
 
     existing = find_run(experiment_id, key)
     all_tags = {RUN_KEY: key, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+    if existing is not None and existing.info.status != "RUNNING":
+        all_tags["qat.previous_attempt"] = existing.info.run_id
+        existing = None
     if existing is not None:
         log.info("resuming MLflow run %s (%s) left by an earlier attempt", existing.info.run_id, run_name)
         with mlflow.start_run(run_id=existing.info.run_id) as run:

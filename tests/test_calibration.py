@@ -182,3 +182,30 @@ def test_refresh_from_s3_gzip_and_plain(make_config, s3_endpoint):
     c = refresh(out, *window, progress=False)
     assert c.uri == f"s3://logs/calibration/{c.version}" and c.version == a.version
     assert len(load_split(c.uri, "qat_train", s3_endpoint)) == c.manifest["splits"]["qat_train"]["rows"]
+
+
+def test_a_failed_refresh_can_be_rerun_after_fixing_the_config(make_config, tmp_path, monkeypatch):
+    """The failed attempt stays in MLflow as evidence; the rerun of the same DAG run gets its own run."""
+    from mlflow import MlflowClient
+
+    from qat_tasks.calibration import refresh_tracked
+    from qat_tasks.tracking import RunContext
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    src = tmp_path / "noisy"
+    generate(str(src), date(2026, 7, 1), date(2026, 7, 4), records_per_day=250, seed=8, corrupt_rate=0.06)
+    ctx = RunContext("quarterly_recalibration", "manual__rerun", "rerun test", "manual")
+    strict = make_config(traffic=str(src), traffic__max_invalid_fraction=0.01)
+    with pytest.raises(InvalidTrafficError):
+        refresh_tracked(strict, date(2026, 7, 1), date(2026, 7, 4), ctx, progress=False)
+    lenient = make_config(traffic=str(src), traffic__max_invalid_fraction=0.10)
+    first = refresh_tracked(lenient, date(2026, 7, 1), date(2026, 7, 4), ctx, progress=False)
+    again = refresh_tracked(lenient, date(2026, 7, 1), date(2026, 7, 4), ctx, progress=False)
+    assert again == first
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("mangaassist-calibration")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+    assert "above the limit" in runs[0].data.tags["error"]
+    assert runs[1].data.tags["qat.previous_attempt"] == runs[0].info.run_id
+    assert runs[1].data.params["max_invalid_fraction"] == "0.1"
