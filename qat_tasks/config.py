@@ -1,7 +1,8 @@
 """Typed pipeline configuration: `configs/*.yaml` -> pydantic models that reject unknown keys and wrong types.
 
-Relative paths in a config file resolve against the project root (the folder that holds `configs/`),
-so the same file works from the CLI, from Airflow workers and from tests, whatever their working directory.
+Relative paths in a config file resolve against the project root (the folder that holds `configs/`; set
+QAT_PROJECT_ROOT when the package is installed elsewhere), so the same file works from the CLI, from
+Airflow workers and from tests, whatever their working directory.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qat_tasks.schema import INTENTS
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(os.environ.get("QAT_PROJECT_ROOT") or Path(__file__).resolve().parent.parent)
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
 
 Role = Literal["intent_classifier", "escalation_detector", "reranker", "llm"]

@@ -79,7 +79,7 @@ def evaluate_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str
     """Evaluate the @champion version on the evaluation split of this calibration version."""
     import mlflow
 
-    from qat_tasks.modeling import OnnxClassifier, set_threads
+    from qat_tasks.modeling import OnnxClassifier
 
     client = tracking.configure(cfg)
     name = champion["registered_model"]
@@ -93,7 +93,6 @@ def evaluate_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str
         return cached
 
     rows = load_split(calibration_uri, "evaluation", cfg.traffic.s3_endpoint_url)
-    set_threads(cfg.evaluation.threads)
     with tracking.stage_run(exp_id, key, "evaluate-champion",
                             {**ctx.tags(), "calibration.version": manifest["version"], "stage": "evaluate-champion",
                              "model.version": version}, champion["parent_run_id"]) as run, \

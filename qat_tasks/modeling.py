@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -161,9 +160,3 @@ def throughput(predict, texts: list[str], batch: int, batches: int = 8) -> float
         predict(chunk)
     return batch * batches / (time.perf_counter() - t0)
 
-
-def set_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
