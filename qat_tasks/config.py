@@ -122,6 +122,23 @@ class TrainingConfig(Strict):
     seed: int = 13
 
 
+Candidate = Literal["ptq_dynamic", "ptq_static_minmax", "ptq_static_percentile", "ptq_static_entropy",
+                    "ptq_static_smoothquant"]
+
+
+class QuantizationConfig(Strict):
+    """Which INT8 candidates to build for an encoder, and how."""
+
+    candidates: tuple[Candidate, ...] = ("ptq_dynamic", "ptq_static_minmax", "ptq_static_percentile",
+                                         "ptq_static_entropy")
+    percentile: float = Field(default=99.999, gt=90, le=100)
+    smoothquant_alpha: Fraction = 0.5
+    calibration_batch_size: int = Field(default=16, ge=1)
+    # Operator-mismatch check: top-1 agreement with the PyTorch model the candidate came from.
+    parity_min_agreement: Fraction = 0.97
+    parity_samples: int = Field(default=256, ge=8)
+
+
 class ModelConfig(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
     role: Role
@@ -131,6 +148,7 @@ class ModelConfig(Strict):
     method: Method
     runtime: Runtime
     training: TrainingConfig = TrainingConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
 
 
 class EvaluationConfig(Strict):

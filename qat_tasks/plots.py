@@ -100,3 +100,19 @@ def latency_distribution(samples_ms: dict[str, list[float]], title: str):
 
 def close(fig) -> None:
     plt.close(fig)
+
+
+def accuracy_vs_latency(points: dict[str, tuple[float, float, float, bool | None]], title: str):
+    """Each candidate at (P95, accuracy), marker area by size on disk; green passed every gate, red did not,
+    black is the champion."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for name, (p95, acc, size_mb, passed) in points.items():
+        color = "black" if passed is None else ("tab:green" if passed else "tab:red")
+        ax.scatter(p95, 100 * acc, s=20 + 4 * size_mb, color=color, alpha=0.7, edgecolors="black")
+        ax.annotate(f"{name}\n{size_mb:.0f} MB", (p95, 100 * acc), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_xlabel("P95 latency at batch 1 (ms)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

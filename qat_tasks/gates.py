@@ -1,0 +1,71 @@
+"""Promotion gates: a candidate against the champion, measured on the same data in the same runtime.
+
+A failed gate names the failure mode and the fix the seeds recommend, so the MLflow run says what to do
+next, not only that something is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from qat_tasks.config import EncoderGates
+
+FAILURE_MODES = {
+    "accuracy": ("accuracy loss",
+                 "use QAT instead of PTQ, or keep the most sensitive layers in FP32 (mixed precision)"),
+    "rare_class_accuracy": ("rare-class collapse",
+                            "QAT with focal loss and class weights; oversample rare intents in the calibration set"),
+    "escalation_recall": ("rare-class collapse (escalation)",
+                          "QAT with class weights; tune the escalation threshold for recall"),
+    "ece_after_ts": ("confidence shift",
+                     "refit temperature scaling on the quantized model, or distil from the FP32 teacher"),
+    "p95_ratio": ("latency gain too small",
+                  "quantize MatMul per-tensor (U8S8) and check that ONNX Runtime fused the QDQ pairs"),
+    "parity": ("operator mismatch",
+               "exclude the mismatching nodes from quantization, or update the opset / ONNX Runtime"),
+}
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    passed: bool
+    candidate: float
+    champion: float
+    limit: str
+    failure_mode: str = ""
+    fix: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _result(gate: str, passed: bool, cand: float, champ: float, limit: str) -> GateResult:
+    mode, fix = FAILURE_MODES[gate] if not passed else ("", "")
+    return GateResult(gate, bool(passed), float(cand), float(champ), limit, mode, fix)
+
+
+def encoder_gates(candidate: dict, champion: dict, gates: EncoderGates, parity_ok: bool, agreement: float,
+                  min_agreement: float) -> list[GateResult]:
+    """Intent-classifier gates; metrics are fractions, limits in percentage points where the seeds say so."""
+    out = [_result("parity", parity_ok, agreement, 1.0, f">= {min_agreement:.3f} top-1 agreement with PyTorch")]
+    for key, limit in (("accuracy", gates.max_accuracy_drop_pts),
+                       ("rare_class_accuracy", gates.max_rare_class_accuracy_drop_pts),
+                       ("escalation_recall", gates.max_escalation_recall_drop_pts)):
+        if key in champion and key in candidate:
+            drop_pts = 100 * (champion[key] - candidate[key])
+            out.append(_result(key, drop_pts <= limit + 1e-9, candidate[key], champion[key],
+                               f"drop <= {limit} pts (was {drop_pts:+.2f})"))
+    out.append(_result("ece_after_ts", candidate["ece_after_ts"] <= champion["ece_after_ts"] + gates.max_ece_increase,
+                       candidate["ece_after_ts"], champion["ece_after_ts"], f"<= champion + {gates.max_ece_increase}"))
+    ratio = candidate["p95_ms"] / champion["p95_ms"]
+    out.append(_result("p95_ratio", ratio <= gates.max_p95_ratio, candidate["p95_ms"], champion["p95_ms"],
+                       f"P95 <= {gates.max_p95_ratio:.3f} x champion (was {ratio:.3f})"))
+    return out
+
+
+def summarize(results: list[GateResult]) -> str:
+    failed = [r for r in results if not r.passed]
+    if not failed:
+        return "all gates passed"
+    return "; ".join(f"{r.gate} failed ({r.limit}): {r.failure_mode} -> {r.fix}" for r in failed)
