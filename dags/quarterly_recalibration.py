@@ -88,19 +88,29 @@ def quarterly_recalibration():
 
         return evaluate_stage(CONFIG, run, calibration, champion)
 
+    @task(multiple_outputs=False, map_index_template="{{ champion['model'] }}")
+    def int8_challenger(run: dict, calibration: dict, champion: dict) -> dict:
+        """Build INT8 candidates, measure them beside the champion, gate them, register the best as @challenger."""
+        from qat_tasks.pipeline import challenger_stage
+
+        return challenger_stage(CONFIG, run, calibration, champion)
+
     @task(multiple_outputs=False)
-    def report(run: dict, calibration: dict, evaluations: list[dict]) -> dict:
+    def report(run: dict, calibration: dict, evaluations: list[dict], decisions: list[dict]) -> dict:
         """Close the per-model parent runs and print what happened."""
         from qat_tasks.pipeline import report_stage
 
         # Index by length: iterating the lazy sequence probes one past the end and logs a spurious error.
-        return report_stage(CONFIG, run, calibration, [evaluations[i] for i in range(len(evaluations))])
+        return report_stage(CONFIG, run, calibration, [evaluations[i] for i in range(len(evaluations))],
+                            [decisions[i] for i in range(len(decisions))])
 
     run = plan()
     calibration = refresh_calibration(run)
     champions = ensure_champion.partial(run=run, calibration=calibration).expand(model_name=tracked_models(run))
     evaluations = evaluate_champion.partial(run=run, calibration=calibration).expand(champion=champions)
-    report(run, calibration, evaluations)
+    decisions = int8_challenger.partial(run=run, calibration=calibration).expand(champion=champions)
+    evaluations >> decisions  # the champion's own figures first: a failed evaluation stops the track
+    report(run, calibration, evaluations, decisions)
 
 
 quarterly_recalibration()

@@ -4,6 +4,7 @@
   qat-tasks generate-traffic --out data/traffic_sample --start 2026-07-01 --end 2026-10-01 --per-day 300
   qat-tasks refresh --start 2026-07-01 --end 2026-10-01 --reason "drift in checkout_help"
   qat-tasks run --reason "manual recalibration" [--models intent-classifier] [--start .. --end ..]
+      (refresh, champion, champion evaluation, INT8 candidates, gates, @challenger)
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plain", action="store_true", help="write .jsonl instead of .jsonl.gz")
 
     for name, help_ in (("refresh", "refresh calibration data for a window"),
-                        ("run", "the whole quarterly run: refresh, champion, evaluation")):
+                        ("run", "the whole quarterly run: refresh, champion, evaluation, INT8 challenger")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--reason", required=True)
         p.add_argument("--start", type=_date)
@@ -91,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         calibration = pipeline.refresh_stage(cfg, run)
         print(json.dumps(calibration, indent=1))
         if args.command == "run":
-            evaluations = []
+            evaluations, decisions = [], []
             for name in pipeline.tracked_models(cfg, run):
                 champion = pipeline.champion_stage(cfg, run, calibration, name)
                 evaluations.append(pipeline.evaluate_stage(cfg, run, calibration, champion))
-            print(json.dumps(pipeline.report_stage(cfg, run, calibration, evaluations), indent=1))
+                decisions.append(pipeline.challenger_stage(cfg, run, calibration, champion))
+            print(json.dumps(pipeline.report_stage(cfg, run, calibration, evaluations, decisions), indent=1))
         return 0
     except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"qat-tasks: error: {exc}", file=sys.stderr)

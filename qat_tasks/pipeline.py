@@ -111,6 +111,16 @@ def evaluate_stage(cfg: PipelineConfig, run: dict, calibration: dict, champion: 
         raise
 
 
+def challenger_stage(cfg: PipelineConfig, run: dict, calibration: dict, champion: dict) -> dict:
+    from qat_tasks.challenger import build_challenger
+
+    try:
+        return build_challenger(cfg, champion["model"], calibration["uri"], champion, _ctx(run))
+    except Exception:
+        _fail_parent(cfg, run, champion["model"], calibration)
+        raise
+
+
 def _fail_parent(cfg: PipelineConfig, run: dict, model_name: str, calibration: dict) -> None:
     from qat_tasks import tracking
 
@@ -122,7 +132,8 @@ def _fail_parent(cfg: PipelineConfig, run: dict, model_name: str, calibration: d
         log.exception("could not mark the MLflow parent run of %s as failed", model_name)
 
 
-def report_stage(cfg: PipelineConfig, run: dict, calibration: dict, evaluations: list[dict]) -> dict:
+def report_stage(cfg: PipelineConfig, run: dict, calibration: dict, evaluations: list[dict],
+                 decisions: list[dict] | None = None) -> dict:
     from qat_tasks import tracking
 
     tracking.configure(cfg)
@@ -140,13 +151,19 @@ def report_stage(cfg: PipelineConfig, run: dict, calibration: dict, evaluations:
                      f"rare-class accuracy {m.get('rare_class_accuracy', float('nan')):.3f}, escalation recall "
                      f"{m.get('escalation_recall', float('nan')):.3f}, ECE {m['ece']:.3f}, P95 {m['p95_ms']:.1f} ms, "
                      f"{m['size_mb']:.1f} MB")
+    for d in decisions or []:
+        lines.append(f"  {d['model']} INT8: {d['decision']}"
+                     + (f" ({d['method']}: accuracy {d['metrics']['accuracy']:.3f}, P95 {d['metrics']['p95_ms']:.1f} ms, "
+                        f"{d['metrics']['size_mb']:.1f} MB)" if d.get("registered_version") else
+                        f" (failed gates: {d.get('why')})"))
     if skipped:
         lines.append(f"  not run in this release (track not built yet): {skipped}")
     lines.append(f"  MLflow: {cfg.tracking_uri}")
     for line in lines:  # one record per line: log viewers and the demo console keep them whole
         log.info(line)
-    return {"calibration_version": calibration["version"], "evaluated": sorted(evaluated), "skipped": skipped}
+    return {"calibration_version": calibration["version"], "evaluated": sorted(evaluated), "skipped": skipped,
+            "challengers": {d["model"]: d.get("registered_version") for d in decisions or []}}
 
 
 __all__ = ["ConfigError", "ParamError", "plan_run", "previous_quarter", "refresh_stage", "champion_stage",
-           "evaluate_stage", "report_stage"]
+           "evaluate_stage", "challenger_stage", "report_stage"]

@@ -45,6 +45,8 @@ def tiny_config_dict(traffic: str) -> dict:
     data["calibration"]["min_per_intent"] = 3
     data["models"][0]["source"] = "tiny-random://bert"
     data["models"][0]["training"] = {"epochs": 1, "learning_rate": 1.0e-3, "batch_size": 64, "max_length": 32}
+    data["models"][0]["quantization"] = {"candidates": ["ptq_dynamic", "ptq_static_minmax"], "parity_samples": 32,
+                                         "calibration_batch_size": 16}
     data["evaluation"] = {"threads": 1, "latency_samples": 20, "warmup": 2, "throughput_batch": 8, "ece_bins": 10}
     return data
 

@@ -32,7 +32,8 @@ def test_quarterly_schedule_params_and_retries(dagbag):
     for t in dag.tasks:
         assert t.retries >= 2, t.task_id
     assert {t.task_id for t in dag.tasks} == {"plan", "refresh_calibration", "tracked_models", "ensure_champion",
-                                               "evaluate_champion", "report"}
+                                               "evaluate_champion", "int8_challenger", "report"}
+    assert "evaluate_champion" in dag.get_task("int8_challenger").upstream_task_ids
 
 
 def test_params_reject_bad_values(dagbag):

@@ -44,10 +44,15 @@ def test_dag_run_succeeds(dag_run):
     assert dag_run.state == "success"
 
 
+def _champion_versions(client) -> list:
+    """FP32 champion versions (an INT8 challenger may or may not pass the tiny model's gates)."""
+    return [v for v in client.search_model_versions("name = 'mangaassist-intent-classifier'")
+            if v.tags.get("method") == "fp32"]
+
+
 def test_champion_is_registered_with_lineage(dag_run, mlflow_client):
     name = "mangaassist-intent-classifier"
-    versions = mlflow_client.search_model_versions(f"name = '{name}'")
-    assert len(versions) == 1
+    assert len(_champion_versions(mlflow_client)) == 1
     champ = mlflow_client.get_model_version_by_alias(name, "champion")
     assert champ.tags["method"] == "fp32" and champ.tags["airflow.run_id"] == dag_run.run_id
     assert champ.tags["calibration_version"].startswith("20260701-20260715-")
@@ -68,13 +73,13 @@ def test_mlflow_holds_runs_datasets_metrics_and_plots(dag_run, mlflow_client):
     exp = mlflow_client.get_experiment_by_name("mangaassist-intent-classifier")
     runs = mlflow_client.search_runs([exp.experiment_id], f"tags.`airflow.run_id` = '{dag_run.run_id}'")
     by_stage = {r.data.tags.get("stage", "parent"): r for r in runs}
-    assert set(by_stage) == {"parent", "bootstrap-champion", "evaluate-champion"}
+    assert set(by_stage) == {"parent", "bootstrap-champion", "evaluate-champion", "int8-candidate", "int8-decision"}
     parent = by_stage["parent"]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["trigger.reason"] == CONF["reason"]
     assert parent.data.tags["airflow.dag_id"] == "quarterly_recalibration"
     assert parent.data.tags["calibration.version"] == refresh_run.data.tags["calibration.version"]
-    for child in ("bootstrap-champion", "evaluate-champion"):
+    for child in ("bootstrap-champion", "evaluate-champion", "int8-candidate", "int8-decision"):
         assert by_stage[child].data.tags["mlflow.parentRunId"] == parent.info.run_id
     metrics = by_stage["evaluate-champion"].data.metrics
     for key in ("accuracy", "macro_f1", "rare_class_accuracy", "escalation_recall", "ece", "p95_ms", "size_mb"):
@@ -110,9 +115,13 @@ def test_retrying_stages_of_the_same_run_duplicates_nothing(dag_run, mlflow_clie
     assert str(mlflow_client.get_model_version_by_alias(name, "champion").version) == "1"
     evaluation = pipeline.evaluate_stage(tiny_config, run, cal, champion)
     assert evaluation == _xcom(dag_run, "evaluate_champion")[0]
-    assert len(mlflow_client.search_model_versions(f"name = '{name}'")) == 1
+    (decision,) = _xcom(dag_run, "int8_challenger")
+    assert pipeline.challenger_stage(tiny_config, run, cal, champion) == decision
+    versions = mlflow_client.search_model_versions(f"name = '{name}'")
+    assert len(versions) == 1 + (decision["registered_version"] is not None)
     exp = mlflow_client.get_experiment_by_name("mangaassist-intent-classifier")
-    assert len(mlflow_client.search_runs([exp.experiment_id], f"tags.`airflow.run_id` = '{dag_run.run_id}'")) == 3
+    # parent, bootstrap, evaluation, two INT8 candidates, INT8 decision
+    assert len(mlflow_client.search_runs([exp.experiment_id], f"tags.`airflow.run_id` = '{dag_run.run_id}'")) == 6
 
 
 def test_a_second_run_reuses_the_champion(dag_run, mlflow_client, tiny_config_path):
@@ -122,7 +131,7 @@ def test_a_second_run_reuses_the_champion(dag_run, mlflow_client, tiny_config_pa
     dr2 = dag.test(run_conf={**CONF, "reason": "drift: checkout_help", "triggered_by": "drift"},
                    logical_date=datetime(2026, 7, 17, tzinfo=UTC))
     assert dr2.state == "success"
-    assert len(mlflow_client.search_model_versions("name = 'mangaassist-intent-classifier'")) == 1
+    assert len(_champion_versions(mlflow_client)) == 1
     (champion,) = _xcom(dr2, "ensure_champion")
     assert champion["bootstrapped"] is False
 
@@ -135,3 +144,45 @@ def test_registered_champion_serves_through_mlflow_pyfunc(dag_run, mlflow_client
     out = model.predict(pd.DataFrame({"text": ["where is my order MA-2026-104233", "hi"]}))
     assert list(out.columns) == ["intent", "confidence"] and len(out) == 2
     assert out["confidence"].between(0, 1).all()
+
+
+def test_int8_decision_is_logged_with_gates_and_plots(dag_run, mlflow_client):
+    (decision,) = _xcom(dag_run, "int8_challenger")
+    run = mlflow_client.get_run(decision["run_id"])
+    arts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+    assert {"comparison.json", "gates.json"} <= arts
+    plots = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/accuracy_vs_p95.png", "plots/latency_distributions.png"} <= plots
+    assert "champion.p95_ms" in run.data.metrics and "champion.ece_after_ts" in run.data.metrics
+    assert run.data.tags["decision"] in ("no candidate passed", f"registered mangaassist-intent-classifier "
+                                                                 f"v{decision['registered_version']} as @challenger")
+
+
+def test_challenger_registered_once_when_gates_pass(dag_run, mlflow_client, tiny_config):
+    """With gates every candidate passes, the best is registered as @challenger, with lineage, exactly once."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from qat_tasks import pipeline
+
+    (run,) = _xcom(dag_run, "plan")
+    (cal,) = _xcom(dag_run, "refresh_calibration")
+    (champion,) = _xcom(dag_run, "ensure_champion")
+    run = {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + "-lenient"}}
+    lenient = tiny_config.model_copy(update={"gates": tiny_config.gates.model_copy(update={
+        "intent_classifier": tiny_config.gates.intent_classifier.model_copy(update={
+            "max_accuracy_drop_pts": 100.0, "max_rare_class_accuracy_drop_pts": 100.0,
+            "max_escalation_recall_drop_pts": 100.0, "max_ece_increase": 1.0, "max_p95_ratio": 100.0})})})
+    name = "mangaassist-intent-classifier"
+    before = len(mlflow_client.search_model_versions(f"name = '{name}'"))
+    first = pipeline.challenger_stage(lenient, run, cal, champion)
+    assert first["registered_version"] is not None and first["method"] in ("ptq_dynamic", "ptq_static_minmax")
+    again = pipeline.challenger_stage(lenient, run, cal, champion)
+    assert again == first
+    assert len(mlflow_client.search_model_versions(f"name = '{name}'")) == before + 1
+    mv = mlflow_client.get_model_version_by_alias(name, "challenger")
+    assert str(mv.version) == first["registered_version"]
+    assert mv.tags["champion_version"] == champion["version"] and mv.tags["method"] == first["method"]
+    assert mv.tags["calibration_version"] == cal["version"]
+    out = mlflow.pyfunc.load_model(f"models:/{name}@challenger").predict(pd.DataFrame({"text": ["hi", "refund pls"]}))
+    assert len(out) == 2
