@@ -48,6 +48,8 @@ class _Bench:
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths["hf"])
         self.hf_model = AutoModelForSequenceClassification.from_pretrained(self.paths["hf"]).eval()
         self.eval_rows = load_split(calibration_uri, "evaluation", endpoint)
+        self.train_rows = load_split(calibration_uri, "qat_train", endpoint)
+        self.trained: dict = {}  # QAT trainings shared by the candidates exported from them
         calib_rows = load_split(calibration_uri, "calibration", endpoint)
         self.calib_texts = [r["text"] for r in calib_rows]
         # Temperature is fitted on held-out labelled rows that the evaluation never sees.
@@ -119,8 +121,16 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
             log.info("building INT8 candidate %s of %s", name, model_name)
             with tracking.stage_run(exp_id, key, f"int8 {name}", {**tags, "stage": "int8-candidate",
                                                                   "candidate": name}, champion["parent_run_id"]) as run:
-                onnx_path = ptq.build(name, bench.paths["onnx"], bench.preprocessed, bench.hf_model, bench.tokenizer,
-                                      bench.batches, bench.max_length, qc, tmp / name)
+                if name.startswith("qat"):
+                    from qat_tasks import qat
+
+                    onnx_path, info = qat.build(name, bench.hf_model, bench.tokenizer, bench.labels, bench.train_rows,
+                                                bench.batches, bench.max_length, mcfg.training, qc, tmp / "qat",
+                                                bench.trained, lambda k, v, s: mlflow.log_metric(k, v, step=s))
+                    mlflow.log_dict(info, "qat_training.json")
+                else:
+                    onnx_path = ptq.build(name, bench.paths["onnx"], bench.preprocessed, bench.hf_model,
+                                          bench.tokenizer, bench.batches, bench.max_length, qc, tmp / name)
                 report = bench.measure(onnx_path)
                 mlflow.log_params({"candidate": name, "champion_version": champion["version"],
                                    **{f"quantization.{k}": v for k, v in qc.model_dump().items() if k != "candidates"}})

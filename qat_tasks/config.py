@@ -123,20 +123,27 @@ class TrainingConfig(Strict):
 
 
 Candidate = Literal["ptq_dynamic", "ptq_static_minmax", "ptq_static_percentile", "ptq_static_entropy",
-                    "ptq_static_smoothquant"]
+                    "ptq_static_smoothquant", "qat_static", "qat_dynamic", "qat_distill_static", "qat_distill_dynamic"]
 
 
 class QuantizationConfig(Strict):
     """Which INT8 candidates to build for an encoder, and how."""
 
     candidates: tuple[Candidate, ...] = ("ptq_dynamic", "ptq_static_minmax", "ptq_static_percentile",
-                                         "ptq_static_entropy")
+                                         "ptq_static_entropy", "qat_static", "qat_dynamic")
     percentile: float = Field(default=99.999, gt=90, le=100)
     smoothquant_alpha: Fraction = 0.5
     calibration_batch_size: int = Field(default=16, ge=1)
     # Operator-mismatch check: top-1 agreement with the PyTorch model the candidate came from.
     parity_min_agreement: Fraction = 0.97
     parity_samples: int = Field(default=256, ge=8)
+    # QAT: one short epoch at a tenth of the fine-tuning learning rate, observers frozen for the last 30 %.
+    qat_epochs: int = Field(default=1, ge=1)
+    qat_lr_fraction: float = Field(default=0.1, gt=0, le=1)
+    focal_gamma: float = Field(default=2.0, ge=0)
+    freeze_observers_fraction: Fraction = 0.3
+    distill_alpha: Fraction = 0.5
+    distill_temperature: float = Field(default=2.0, gt=0)
 
 
 class ModelConfig(Strict):
