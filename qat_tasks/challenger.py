@@ -31,7 +31,7 @@ GATED_METRICS = ("accuracy", "macro_f1", "rare_class_accuracy", "escalation_reca
                  "parity_max_abs_logit_diff")
 
 
-class _Bench:
+class Workbench:
     """Everything candidates are measured against: champion files, data, PyTorch reference logits."""
 
     def __init__(self, cfg: PipelineConfig, model_name: str, calibration_uri: str, champion: dict, tmp: Path):
@@ -63,6 +63,28 @@ class _Bench:
                              return_tensors="pt")
         with torch.no_grad():
             self.reference_logits = self.hf_model(**enc).logits.numpy()
+
+    def quality(self, onnx_path: Path) -> dict:
+        """Accuracy metrics only (no latency): what per-layer sensitivity needs."""
+        from qat_tasks.metrics import classification_report
+        from qat_tasks.modeling import OnnxClassifier
+
+        clf = OnnxClassifier(onnx_path, self.tokenizer, self.labels, self.max_length, threads=self.cfg.evaluation.threads)
+        y = np.array([self.labels.index(r["label"]) for r in self.eval_rows])
+        return classification_report(y, clf.predict_proba([r["text"] for r in self.eval_rows]), self.labels,
+                                     list(self.cfg.calibration.rare_intents))
+
+    def recipe(self, name: str, tmp: Path):
+        """How candidate `name` was quantized (after it was built in this task)."""
+        from qat_tasks.sensitivity import Recipe
+
+        kind = "dynamic" if name.endswith("dynamic") else ("minmax" if name.startswith("qat") or name.endswith(
+            "smoothquant") else name.removeprefix("ptq_static_"))
+        if name.startswith("qat"):
+            return Recipe(self.trained["distill" if "distill" in name else "labels"][0], kind)
+        if name == "ptq_static_smoothquant":
+            return Recipe(tmp / name / "smoothed_pre.onnx", kind)
+        return Recipe(self.preprocessed, kind)
 
     def measure(self, onnx_path: Path) -> dict:
         from qat_tasks.evaluation import evaluate_classifier
@@ -110,7 +132,7 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="int8-") as tmpdir:
         tmp = Path(tmpdir)
-        bench = _Bench(cfg, model_name, calibration_uri, champion, tmp)
+        bench = Workbench(cfg, model_name, calibration_uri, champion, tmp)
         for name in qc.candidates:
             key = f"{base_key}:{name}"
             done = tracking.cached_result(exp_id, key)
@@ -143,13 +165,72 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
                                  "onnx_artifact": f"candidate/{onnx_path.name}"}
                 tracking.set_result(results[name])
 
+        champ = _scalars(bench.measure(bench.paths["onnx"]))
+        if qc.mixed_precision and not any(_passes(cfg, qc, r["metrics"], champ) for r in results.values()):
+            mixed = _mixed_precision(cfg, model_name, bench, results, champ, exp_id, f"{base_key}:mixed-precision",
+                                     tags, champion, tmp)
+            if mixed is not None:
+                results[mixed["name"]] = mixed
         with tracking.stage_run(exp_id, decision_key, "int8-decision", {**tags, "stage": "int8-decision"},
                                 champion["parent_run_id"]) as run:
-            champ = _scalars(bench.measure(bench.paths["onnx"]))
             decision = _decide(cfg, model_name, champ, results, client, run.info.run_id, bench, tmp, ctx, champion,
                                manifest["version"])
             tracking.set_result(decision)
     return decision
+
+
+def _passes(cfg, qc, metrics: dict, champ: dict) -> bool:
+    return all(r.passed for r in gates.encoder_gates(metrics, champ, cfg.gates.intent_classifier,
+                                                     metrics["parity_agreement"] >= qc.parity_min_agreement,
+                                                     metrics["parity_agreement"], qc.parity_min_agreement))
+
+
+def _mixed_precision(cfg, model_name, bench, results, champ, exp_id, key, tags, champion, tmp) -> dict | None:
+    """Per-layer sensitivity of the most accurate failing candidate, then FP32 fallback until the gates pass."""
+    import mlflow
+    import pandas as pd
+
+    from qat_tasks import sensitivity
+
+    done = tracking.cached_result(exp_id, key)
+    if done is not None:
+        return done or None
+    qc = cfg.model(model_name).quantization
+    eligible = {n: r for n, r in results.items() if r["metrics"]["parity_agreement"] >= qc.parity_min_agreement
+                and n in qc.candidates}
+    if not eligible:
+        return None
+    base = max(eligible, key=lambda n: (eligible[n]["metrics"]["accuracy"], eligible[n]["metrics"]["rare_class_accuracy"]))
+    recipe = bench.recipe(base, tmp)
+    log.info("%s: no candidate passed; per-layer sensitivity of %s, then FP32 fallback", model_name, base)
+    with tracking.stage_run(exp_id, key, f"int8 mixed precision ({base})",
+                            {**tags, "stage": "int8-mixed-precision", "candidate": base}, champion["parent_run_id"]) as run:
+        sens = sensitivity.analyse(recipe, bench.quality, bench.batches, qc.percentile, tmp / "sensitivity")
+        mlflow.log_table(pd.DataFrame(sens), "sensitivity.json")
+        fig = plots.sensitivity(sens, f"{model_name}: per-layer sensitivity of {base}")
+        mlflow.log_figure(fig, "plots/sensitivity.png")
+        plots.close(fig)
+        result: dict = {}
+        for step, keep in enumerate(sensitivity.fallback_steps(sens, qc.max_fp32_units), 1):
+            path = sensitivity.quantize(recipe, tmp / "fallback" / f"{base}_fp32_{step}.onnx", bench.batches,
+                                        qc.percentile, exclude=sensitivity.nodes_of(recipe, keep))
+            report = bench.measure(path)
+            metrics = _scalars(report)
+            passed = _passes(cfg, qc, metrics, champ)
+            mlflow.log_metrics({f"fallback.{k}": v for k, v in metrics.items()}, step=step)
+            log.info("%s: %s with %s in FP32: accuracy %.4f, rare-class %.4f, P95 %.2f ms -> %s", model_name, base,
+                     keep, metrics["accuracy"], metrics["rare_class_accuracy"], metrics["p95_ms"],
+                     "passes" if passed else "still failing")
+            if passed:
+                mlflow.log_artifact(str(path), "candidate")
+                mlflow.log_dict({"samples_ms": report["latency_samples_ms"]}, "latency_samples.json")
+                result = {"name": f"{base}+fp32[{','.join(keep)}]", "run_id": run.info.run_id, "metrics": metrics,
+                          "onnx_artifact": f"candidate/{path.name}", "fp32_units": keep}
+                break
+        mlflow.set_tag("mixed_precision.outcome", f"passed with {result['fp32_units']} in FP32" if result else
+                       f"no pass with up to {qc.max_fp32_units} FP32 units")
+        tracking.set_result(result)
+    return result or None
 
 
 def _decide(cfg, model_name, champ, results, client, run_id, bench, tmp, ctx, champion, cal_version) -> dict:

@@ -144,6 +144,9 @@ class QuantizationConfig(Strict):
     freeze_observers_fraction: Fraction = 0.3
     distill_alpha: Fraction = 0.5
     distill_temperature: float = Field(default=2.0, gt=0)
+    # When no candidate passes: per-layer sensitivity, then keep up to this many units in FP32.
+    mixed_precision: bool = True
+    max_fp32_units: int = Field(default=3, ge=1)
 
 
 class ModelConfig(Strict):

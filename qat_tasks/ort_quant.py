@@ -33,11 +33,13 @@ def preprocess(src: Path, dst: Path) -> Path:
     return dst
 
 
-def quantize_dynamic(src: Path, dst: Path, exclude_nodes: list[str] | None = None, per_channel: bool = False) -> Path:
+def quantize_dynamic(src: Path, dst: Path, exclude_nodes: list[str] | None = None, per_channel: bool = False,
+                     only_nodes: list[str] | None = None) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
-                     op_types_to_quantize=["MatMul", "Gather"], nodes_to_exclude=exclude_nodes or [])
+                     op_types_to_quantize=["MatMul", "Gather"], nodes_to_exclude=exclude_nodes or [],
+                     nodes_to_quantize=only_nodes or [])
     return dst
 
 
@@ -62,7 +64,8 @@ def calibration_batches(tokenizer, texts: list[str], max_length: int, batch_size
 
 
 def quantize_static(src: Path, dst: Path, batches: list[dict], method: str = "minmax", percentile: float = 99.999,
-                    exclude_nodes: list[str] | None = None, per_channel: bool = False) -> Path:
+                    exclude_nodes: list[str] | None = None, per_channel: bool = False,
+                    only_nodes: list[str] | None = None) -> Path:
     """Static INT8 (QDQ, U8 activations / S8 weights) with activation ranges from `batches`."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -79,13 +82,25 @@ def quantize_static(src: Path, dst: Path, batches: list[dict], method: str = "mi
         quantize_static(str(src), str(dst), _Reader(batches), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
                         op_types_to_quantize=["MatMul", "Gather"], nodes_to_exclude=exclude_nodes or [],
-                        calibrate_method=calib, extra_options=extra,
+                        nodes_to_quantize=only_nodes or [], calibrate_method=calib, extra_options=extra,
                         calibration_providers=["CPUExecutionProvider"], use_external_data_format=False)
     return dst
 
 
-def matmul_nodes(model_path: Path) -> list[str]:
-    """Names of the MatMul nodes, in graph order (the units of per-layer sensitivity and FP32 fallback)."""
+def quantizable_units(model_path: Path) -> dict[str, list[str]]:
+    """Quantizable nodes (MatMul, Gather) grouped into units: the embeddings, each encoder layer, the rest.
+    These are what per-layer sensitivity measures and what FP32 fallback keeps unquantized."""
+    import re
+
     import onnx
 
-    return [n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node if n.op_type == "MatMul"]
+    units: dict[str, list[str]] = {}
+    for n in onnx.load(str(model_path), load_external_data=False).graph.node:
+        if n.op_type not in ("MatMul", "Gather") or not n.name:
+            continue
+        m = re.search(r"layer\.(\d+)", n.name)
+        unit = f"encoder.layer.{m.group(1)}" if m else ("embeddings" if "embeddings" in n.name else "head")
+        if n.op_type == "Gather" and unit != "embeddings":
+            continue  # shape plumbing, not weights
+        units.setdefault(unit, []).append(n.name)
+    return units

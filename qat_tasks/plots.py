@@ -116,3 +116,19 @@ def accuracy_vs_latency(points: dict[str, tuple[float, float, float, bool | None
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def sensitivity(rows: list[dict], title: str):
+    """Drop (percentage points) when only one unit is quantized; the tallest bars are kept in FP32 first."""
+    units = [r["unit"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    x = np.arange(len(units))
+    ax.bar(x - 0.2, [r["accuracy_drop_pts"] for r in rows], 0.4, label="accuracy drop")
+    ax.bar(x + 0.2, [r["rare_class_drop_pts"] for r in rows], 0.4, label="rare-class accuracy drop", color="tab:red")
+    ax.set_xticks(x, units, rotation=30, ha="right")
+    ax.set_ylabel("points vs FP32")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -5,6 +5,7 @@
 #   REASON="..." scripts/demo.sh          # with your own reason
 . "$(dirname "$0")/_env.sh"
 export QAT_CONFIG="${QAT_CONFIG:-$ROOT/configs/demo.yaml}"
+export PYTHONUNBUFFERED=1   # watch the run live through the console filter
 export AIRFLOW_HOME="${AIRFLOW_HOME:-$ROOT/.state/airflow}"
 mkdir -p "$AIRFLOW_HOME"
 LOGICAL_DATE="${LOGICAL_DATE:-2026-10-01}"   # the scheduled run that covers 2026-07-01 .. 2026-10-01
