@@ -31,6 +31,25 @@ def labels_for(model_cfg: ModelConfig) -> list[str]:
     raise NotImplementedError(f"the {model_cfg.role} track is not built yet (model {model_cfg.name})")
 
 
+def class_weights(y: np.ndarray, n_labels: int):
+    """Inverse-frequency weights, square-rooted so rare classes matter without dominating; absent classes get 0."""
+    import torch
+
+    counts = np.bincount(y, minlength=n_labels).astype(float)
+    w = np.where(counts > 0, np.sqrt(counts.sum() / np.maximum(counts, 1) / n_labels), 0.0)
+    return torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32)
+
+
+def optimizer_step(loss, model, opt, sched) -> None:
+    import torch
+
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+
+
 def train_classifier(model, tokenizer, texts: list[str], labels: list[int], n_labels: int, tc: TrainingConfig,
                      progress: bool = True, log_metric=None) -> dict:
     """Fine-tune `model` in place; returns a short history."""
@@ -40,12 +59,7 @@ def train_classifier(model, tokenizer, texts: list[str], labels: list[int], n_la
     torch.manual_seed(tc.seed)
     rng = random.Random(tc.seed)
     y = np.array(labels)
-    weights = None
-    if tc.class_weighted_loss:
-        counts = np.bincount(y, minlength=n_labels).astype(float)
-        # Inverse-frequency weights, square-rooted so rare classes matter without dominating; absent classes get 0.
-        w = np.where(counts > 0, np.sqrt(counts.sum() / np.maximum(counts, 1) / n_labels), 0.0)
-        weights = torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32)
+    weights = class_weights(y, n_labels) if tc.class_weighted_loss else None
     steps_per_epoch = math.ceil(len(texts) / tc.batch_size)
     total = steps_per_epoch * tc.epochs
     warmup = max(1, int(tc.warmup_fraction * total))
@@ -75,11 +89,7 @@ def train_classifier(model, tokenizer, texts: list[str], labels: list[int], n_la
                             return_tensors="pt")
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
             loss = F.cross_entropy(logits, torch.tensor(y[idx]), weight=weights)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
+            optimizer_step(loss, model, opt, sched)
             step += 1
             running += loss.item()
             if log_metric and (step % 10 == 0 or step == total):

@@ -7,6 +7,7 @@ scalar metrics), never data.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 
 from qat_tasks.config import ConfigError, PipelineConfig
@@ -94,30 +95,31 @@ def refresh_stage(cfg: PipelineConfig, run: dict, progress: bool = True) -> dict
 def champion_stage(cfg: PipelineConfig, run: dict, calibration: dict, model_name: str) -> dict:
     from qat_tasks.champion import ensure_champion
 
-    try:
+    with _marks_parent_failed(cfg, run, model_name, calibration):
         return ensure_champion(cfg, model_name, calibration["uri"], _ctx(run))
-    except Exception:
-        _fail_parent(cfg, run, model_name, calibration)
-        raise
 
 
 def evaluate_stage(cfg: PipelineConfig, run: dict, calibration: dict, champion: dict) -> dict:
     from qat_tasks.evaluation import evaluate_champion
 
-    try:
+    with _marks_parent_failed(cfg, run, champion["model"], calibration):
         return evaluate_champion(cfg, champion["model"], calibration["uri"], champion, _ctx(run))
-    except Exception:
-        _fail_parent(cfg, run, champion["model"], calibration)
-        raise
 
 
 def challenger_stage(cfg: PipelineConfig, run: dict, calibration: dict, champion: dict) -> dict:
     from qat_tasks.challenger import build_challenger
 
-    try:
+    with _marks_parent_failed(cfg, run, champion["model"], calibration):
         return build_challenger(cfg, champion["model"], calibration["uri"], champion, _ctx(run))
+
+
+@contextmanager
+def _marks_parent_failed(cfg: PipelineConfig, run: dict, model_name: str, calibration: dict):
+    """A stage that raises marks this DAG run's parent run of the model FAILED, then re-raises."""
+    try:
+        yield
     except Exception:
-        _fail_parent(cfg, run, champion["model"], calibration)
+        _fail_parent(cfg, run, model_name, calibration)
         raise
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qat_tasks.champion import class_weights, optimizer_step
 from qat_tasks.config import QuantizationConfig, TrainingConfig
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,7 @@ def train(model: nn.Module, tokenizer, texts: list[str], labels: list[int], n_la
     torch.manual_seed(tc.seed)
     rng = random.Random(tc.seed)
     y_all = np.array(labels)
-    counts = np.bincount(y_all, minlength=n_labels).astype(float)
-    w = np.where(counts > 0, np.sqrt(counts.sum() / np.maximum(counts, 1) / n_labels), 0.0)
-    weight = torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32)
+    weight = class_weights(y_all, n_labels)
     steps_per_epoch = math.ceil(len(texts) / tc.batch_size)
     total = steps_per_epoch * qc.qat_epochs
     freeze_at = int(total * (1 - qc.freeze_observers_fraction))
@@ -147,11 +146,7 @@ def train(model: nn.Module, tokenizer, texts: list[str], labels: list[int], n_la
                 kd = F.kl_div(F.log_softmax(logits / temp, -1), F.softmax(t_logits / temp, -1),
                               reduction="batchmean") * temp * temp
                 loss = qc.distill_alpha * kd + (1 - qc.distill_alpha) * loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
+            optimizer_step(loss, model, opt, sched)
             step += 1
             losses.append(loss.item())
             if log_metric and (step % 10 == 0 or step == total):
