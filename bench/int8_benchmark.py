@@ -56,7 +56,9 @@ def main() -> None:
     configure(cfg)
     mcfg = cfg.model(args.model)
     qc = mcfg.quantization
-    candidates = args.candidates or list(qc.candidates)
+    from qat_tasks.challenger import choose_candidates
+
+    candidates = args.candidates or list(choose_candidates(qc, cfg.gates.intent_classifier.max_accuracy_drop_pts, 1.0)[0])
     threads = cfg.evaluation.threads
     torch.set_num_threads(threads)
     ctx = RunContext("bench", "bench__int8", "INT8 benchmark", "cli")

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 CHALLENGER = "challenger"
 GATED_METRICS = ("accuracy", "macro_f1", "rare_class_accuracy", "escalation_recall", "ece", "ece_after_ts",
-                 "temperature", "p50_ms", "p95_ms", "throughput_rps", "size_mb", "parity_agreement",
+                 "temperature", "p50_ms", "p95_ms", "throughput_rps", "size_mb", "model_memory_mb", "parity_agreement",
                  "parity_max_abs_logit_diff")
 
 
@@ -105,6 +105,24 @@ class Workbench:
         return report
 
 
+PTQ_BASELINES = ("ptq_dynamic", "ptq_static_minmax", "ptq_static_percentile", "ptq_static_entropy")
+
+
+def choose_candidates(qc, max_accuracy_drop_pts: float, reviewed_fraction: float) -> tuple[tuple[str, ...], str]:
+    """The seeds' rule: tolerance under one point with labels -> QAT; without labels -> QAT by distillation
+    from the FP32 teacher; looser tolerance -> PTQ. PTQ baselines are always measured for comparison.
+    An explicit `quantization.candidates` list overrides the rule."""
+    if qc.candidates is not None:
+        return tuple(qc.candidates), "configured"
+    if max_accuracy_drop_pts >= 1.0:
+        return PTQ_BASELINES, f"tolerance {max_accuracy_drop_pts} pts >= 1: PTQ"
+    if reviewed_fraction >= qc.min_reviewed_fraction:
+        return (*PTQ_BASELINES, "qat_static", "qat_dynamic"), (
+            f"tolerance {max_accuracy_drop_pts} pts < 1 and {reviewed_fraction:.0%} reviewed labels: QAT")
+    return (*PTQ_BASELINES, "qat_distill_static", "qat_distill_dynamic"), (
+        f"tolerance {max_accuracy_drop_pts} pts < 1 and only {reviewed_fraction:.0%} reviewed labels: distillation")
+
+
 def _scalars(report: dict) -> dict:
     return {k: float(report[k]) for k in GATED_METRICS if k in report and report[k] == report[k]}
 
@@ -133,7 +151,10 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
     with tempfile.TemporaryDirectory(prefix="int8-") as tmpdir:
         tmp = Path(tmpdir)
         bench = Workbench(cfg, model_name, calibration_uri, champion, tmp)
-        for name in qc.candidates:
+        reviewed = sum(r["label_source"] == "reviewed" for r in bench.train_rows) / max(1, len(bench.train_rows))
+        candidates, rule = choose_candidates(qc, cfg.gates.intent_classifier.max_accuracy_drop_pts, reviewed)
+        log.info("%s INT8 candidates %s (%s)", model_name, list(candidates), rule)
+        for name in candidates:
             key = f"{base_key}:{name}"
             done = tracking.cached_result(exp_id, key)
             if done is not None:
@@ -154,7 +175,7 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
                     onnx_path = ptq.build(name, bench.paths["onnx"], bench.preprocessed, bench.hf_model,
                                           bench.tokenizer, bench.batches, bench.max_length, qc, tmp / name)
                 report = bench.measure(onnx_path)
-                mlflow.log_params({"candidate": name, "champion_version": champion["version"],
+                mlflow.log_params({"candidate": name, "champion_version": champion["version"], "candidates.rule": rule,
                                    **{f"quantization.{k}": v for k, v in qc.model_dump().items() if k != "candidates"}})
                 log_classifier_report(report, bench.labels, rare, f"{model_name} {name} (ONNX Runtime)",
                                       cfg.evaluation.ece_bins)
@@ -196,8 +217,7 @@ def _mixed_precision(cfg, model_name, bench, results, champ, exp_id, key, tags, 
     if done is not None:
         return done or None
     qc = cfg.model(model_name).quantization
-    eligible = {n: r for n, r in results.items() if r["metrics"]["parity_agreement"] >= qc.parity_min_agreement
-                and n in qc.candidates}
+    eligible = {n: r for n, r in results.items() if r["metrics"]["parity_agreement"] >= qc.parity_min_agreement}
     if not eligible:
         return None
     base = max(eligible, key=lambda n: (eligible[n]["metrics"]["accuracy"], eligible[n]["metrics"]["rare_class_accuracy"]))

@@ -129,8 +129,10 @@ Candidate = Literal["ptq_dynamic", "ptq_static_minmax", "ptq_static_percentile",
 class QuantizationConfig(Strict):
     """Which INT8 candidates to build for an encoder, and how."""
 
-    candidates: tuple[Candidate, ...] = ("ptq_dynamic", "ptq_static_minmax", "ptq_static_percentile",
-                                         "ptq_static_entropy", "qat_static", "qat_dynamic")
+    # None: chosen by the seeds' rule (qat_tasks.challenger.choose_candidates); a list overrides it.
+    candidates: tuple[Candidate, ...] | None = None
+    # Share of human-reviewed labels in the training split for the rule to count it as labelled.
+    min_reviewed_fraction: Fraction = 0.3
     percentile: float = Field(default=99.999, gt=90, le=100)
     smoothquant_alpha: Fraction = 0.5
     calibration_batch_size: int = Field(default=16, ge=1)

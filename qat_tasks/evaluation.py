@@ -34,11 +34,16 @@ def evaluate_classifier(classifier, rows: list[dict], labels: list[str], cfg: Pi
     y = np.array([labels.index(r["label"]) for r in rows])
     probs = classifier.predict_proba(texts)
     report = classification_report(y, probs, labels, list(cfg.calibration.rare_intents), ev.ece_bins)
+    from qat_tasks.modeling import _rss_mb
+
+    rss_before_batches = _rss_mb()
     lat = latency_profile(classifier.logits, texts, ev.latency_samples, ev.warmup)
     report.update({
         "p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"], "latency_samples_ms": lat["samples_ms"],
         "throughput_rps": throughput(classifier.logits, texts, ev.throughput_batch),
         "size_mb": classifier.size_bytes / 2**20,
+        # Memory the model costs a serving process: the session's load plus what batch-32 inference grew.
+        "model_memory_mb": getattr(classifier, "load_rss_mb", 0.0) + max(0.0, _rss_mb() - rss_before_batches),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "probs": probs, "y_true": y,
     })
@@ -46,7 +51,7 @@ def evaluate_classifier(classifier, rows: list[dict], labels: list[str], cfg: Pi
 
 
 SCALAR_METRICS = ("accuracy", "macro_f1", "rare_class_accuracy", "escalation_recall", "ece", "p50_ms", "p95_ms",
-                  "throughput_rps", "size_mb", "peak_rss_mb")
+                  "throughput_rps", "size_mb", "model_memory_mb", "peak_rss_mb")
 
 
 def log_classifier_report(report: dict, labels: list[str], rare: list[str], name: str, bins: int) -> dict:

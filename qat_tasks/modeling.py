@@ -117,7 +117,10 @@ class OnnxClassifier:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        rss = _rss_mb()
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        # Resident memory the loaded session added to this process (weights, prepacked kernels, arenas).
+        self.load_rss_mb = max(0.0, _rss_mb() - rss)
         self.tokenizer, self.labels, self.max_length = tokenizer, labels, max_length
         self.size_bytes = sum(p.stat().st_size for p in Path(onnx_path).parent.glob(Path(onnx_path).name + "*"))
 
@@ -129,6 +132,12 @@ class OnnxClassifier:
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         out = [softmax(self.logits(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -37,3 +37,18 @@ def test_temperature_scaling_repairs_an_overconfident_model():
     correct = before.argmax(1) == y[2000:]
     assert t > 2  # the model was made ~4x too confident; the fit undoes most of it
     assert expected_calibration_error(after.max(1), correct) < expected_calibration_error(before.max(1), correct) / 3
+
+
+def test_method_rule_follows_the_seeds_and_config_overrides_it():
+    from qat_tasks.challenger import PTQ_BASELINES, choose_candidates
+    from qat_tasks.config import QuantizationConfig
+
+    auto = QuantizationConfig()
+    qat, why = choose_candidates(auto, 0.3, reviewed_fraction=0.35)
+    assert qat[-2:] == ("qat_static", "qat_dynamic") and "QAT" in why
+    distill, why = choose_candidates(auto, 0.3, reviewed_fraction=0.05)
+    assert distill[-2:] == ("qat_distill_static", "qat_distill_dynamic") and "distillation" in why
+    assert choose_candidates(auto, 1.5, reviewed_fraction=1.0)[0] == PTQ_BASELINES
+    assert set(PTQ_BASELINES) <= set(qat)  # baselines are always measured for comparison
+    fixed = QuantizationConfig(candidates=("ptq_dynamic",))
+    assert choose_candidates(fixed, 0.3, 1.0) == (("ptq_dynamic",), "configured")
