@@ -81,7 +81,7 @@ class Workbench:
         kind = "dynamic" if name.endswith("dynamic") else ("minmax" if name.startswith("qat") or name.endswith(
             "smoothquant") else name.removeprefix("ptq_static_"))
         if name.startswith("qat"):
-            return Recipe(self.trained["distill" if "distill" in name else "labels"][0], kind)
+            return Recipe(self.trained["distill" if "distill" in name else "labels"][0], kind)  # (pre, info, ranges)
         if name == "ptq_static_smoothquant":
             return Recipe(tmp / name / "smoothed_pre.onnx", kind)
         return Recipe(self.preprocessed, kind)

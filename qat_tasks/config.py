@@ -146,6 +146,9 @@ class QuantizationConfig(Strict):
     freeze_observers_fraction: Fraction = 0.3
     distill_alpha: Fraction = 0.5
     distill_temperature: float = Field(default=2.0, gt=0)
+    # Activation ranges of qat_static: calibrated by min-max on the QAT weights, or the ranges QAT trained with.
+    # On the demo champion "qat" measured 98.67 % accuracy against 99.00 % for "calibrated".
+    qat_static_ranges: Literal["calibrated", "qat"] = "calibrated"
     # When no candidate passes: per-layer sensitivity, then keep up to this many units in FP32.
     mixed_precision: bool = True
     max_fp32_units: int = Field(default=3, ge=1)

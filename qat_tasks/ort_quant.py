@@ -65,8 +65,11 @@ def calibration_batches(tokenizer, texts: list[str], max_length: int, batch_size
 
 def quantize_static(src: Path, dst: Path, batches: list[dict], method: str = "minmax", percentile: float = 99.999,
                     exclude_nodes: list[str] | None = None, per_channel: bool = False,
-                    only_nodes: list[str] | None = None) -> Path:
-    """Static INT8 (QDQ, U8 activations / S8 weights) with activation ranges from `batches`."""
+                    only_nodes: list[str] | None = None,
+                    activation_ranges: dict[str, tuple[float, float]] | None = None) -> Path:
+    """Static INT8 (QDQ, U8 activations / S8 weights) with activation ranges from `batches`;
+    `activation_ranges` ({MatMul node: (min, max)}, e.g. from QAT) override the calibrated range of each
+    node's activation input."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in CALIBRATION_METHODS:
@@ -76,6 +79,15 @@ def quantize_static(src: Path, dst: Path, batches: list[dict], method: str = "mi
     extra = {"CalibTensorRangeSymmetric": False, "ActivationSymmetric": False, "WeightSymmetric": True}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
+    if activation_ranges:
+        import onnx
+
+        inputs = {n.name: n.input[0] for n in onnx.load(str(src), load_external_data=False).graph.node
+                  if n.name in activation_ranges}
+        extra["TensorQuantOverrides"] = {inputs[node]: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                         for node, (lo, hi) in activation_ranges.items() if node in inputs}
+        log.info("static quantization: %d activation ranges taken from QAT, the rest calibrated",
+                 len(extra["TensorQuantOverrides"]))
     src, dst = Path(src).resolve(), Path(dst).resolve()
     # The calibrator writes an augmented copy of the model (and tensor files) into the working directory.
     with tempfile.TemporaryDirectory(prefix="ort-calib-") as tmp, contextlib.chdir(tmp):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 
 import numpy as np
 import torch
@@ -74,6 +75,18 @@ def prepare(model: nn.Module) -> list[FakeQuantLinear]:
                 setattr(parent, name, fq)
                 wrappers.append(fq)
     return wrappers
+
+
+def activation_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """Activation ranges QAT settled on, keyed by the ONNX MatMul node each Linear exports to
+    (module `bert.encoder.layer.0.attention.self.query` -> node `/bert/encoder/layer.0/attention/self/query/MatMul`)."""
+    ranges = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantLinear) and torch.isfinite(module.act_min):
+            lo = min(float(module.act_min), 0.0)
+            hi = max(float(module.act_max), 0.0)
+            ranges["/" + re.sub(r"\.(?!\d)", "/", name) + "/MatMul"] = (lo, hi)  # layer.0 keeps its dot
+    return ranges
 
 
 def convert(model: nn.Module) -> nn.Module:
@@ -184,11 +197,15 @@ def build(name: str, hf_model: nn.Module, tokenizer, labels: list[str], train_ro
         y = [labels.index(r["label"]) for r in train_rows]
         info = train(student, tokenizer, texts, y, len(labels), tc, qc, teacher=hf_model if distill else None,
                      log_metric=log_metric)
+        ranges = activation_ranges(student)
         convert(student)
         fp32 = export_onnx(student, tokenizer, out_dir / f"qat_{variant}_fp32.onnx", max_length)
-        trained[variant] = (ort_quant.preprocess(fp32, out_dir / f"qat_{variant}_pre.onnx"), info)
-    pre, info = trained[variant]
+        trained[variant] = (ort_quant.preprocess(fp32, out_dir / f"qat_{variant}_pre.onnx"), info, ranges)
+    pre, info, ranges = trained[variant]
     dst = out_dir / f"{name}.onnx"
     if name.endswith("dynamic"):
         return ort_quant.quantize_dynamic(pre, dst), info
-    return ort_quant.quantize_static(pre, dst, batches, "minmax"), info
+    # Static: min-max calibration on the QAT weights, or (qat_static_ranges: qat) the Linear inputs keep the
+    # ranges QAT trained with and only the rest is calibrated.
+    keep = ranges if qc.qat_static_ranges == "qat" else None
+    return ort_quant.quantize_static(pre, dst, batches, "minmax", activation_ranges=keep), info

@@ -238,3 +238,29 @@ def test_mixed_precision_runs_when_nothing_passes(dag_run, mlflow_client, tiny_c
     arts = {a.path for a in mlflow_client.list_artifacts(mixed.info.run_id)}
     assert "sensitivity.json" in arts
     assert len(mlflow_client.get_metric_history(mixed.info.run_id, "fallback.accuracy")) == 2
+
+
+def test_qat_static_keeps_the_activation_ranges_qat_learned(dag_run, tmp_path, tiny_config):
+    import onnx
+    from onnx import numpy_helper
+
+    from qat_tasks import qat
+    from qat_tasks.challenger import Workbench
+
+    (cal,) = _xcom(dag_run, "refresh_calibration")
+    (champion,) = _xcom(dag_run, "ensure_champion")
+    wb = Workbench(tiny_config, "intent-classifier", cal["uri"], champion, tmp_path)
+    m = tiny_config.models[0]
+    qc = m.quantization.model_copy(update={"qat_static_ranges": "qat"})
+    path, info = qat.build("qat_static", wb.hf_model, wb.tokenizer, wb.labels, wb.train_rows[:128], wb.batches,
+                           wb.max_length, m.training, qc, tmp_path / "qat", wb.trained, None)
+    assert info["steps"] >= 1 and info["observers_frozen_at"] < info["steps"]
+    ranges = wb.trained["labels"][2]
+    node = "/bert/encoder/layer.0/attention/self/query/MatMul"
+    lo, hi = ranges[node]
+    graph = onnx.load(str(path)).graph
+    pre = onnx.load(str(wb.trained["labels"][0])).graph
+    act = next(n.input[0] for n in pre.node if n.name == node)
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    (q,) = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == act]
+    assert abs(float(inits[q.input[1]]) - (hi - lo) / 255) < 1e-6 * max(1.0, hi - lo)
