@@ -194,8 +194,8 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
                 results[mixed["name"]] = mixed
         with tracking.stage_run(exp_id, decision_key, "int8-decision", {**tags, "stage": "int8-decision"},
                                 champion["parent_run_id"]) as run:
-            decision = _decide(cfg, model_name, champ, results, client, run.info.run_id, bench, tmp, ctx, champion,
-                               manifest["version"])
+            decision = _decide(cfg, model_name, champ, results, client, run.info.run_id, decision_key, bench, tmp,
+                               ctx, champion, manifest["version"])
             tracking.set_result(decision)
     return decision
 
@@ -253,7 +253,7 @@ def _mixed_precision(cfg, model_name, bench, results, champ, exp_id, key, tags, 
     return result or None
 
 
-def _decide(cfg, model_name, champ, results, client, run_id, bench, tmp, ctx, champion, cal_version) -> dict:
+def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, tmp, ctx, champion, cal_version) -> dict:
     import mlflow
     import pandas as pd
 
@@ -302,7 +302,7 @@ def _decide(cfg, model_name, champ, results, client, run_id, bench, tmp, ctx, ch
     name = champion["registered_model"]
     lineage = {"calibration_version": cal_version, "champion_version": champion["version"], "method": best,
                "candidate_run_id": results[best]["run_id"], "airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id}
-    version = registry.register(client, name, model_uri, run_id, lineage,
+    version = registry.register(client, name, model_uri, stage_key, run_id, lineage,
                                 f"INT8 {best} from champion v{champion['version']} on calibration {cal_version}")
     client.set_registered_model_alias(name, CHALLENGER, version)
     mlflow.set_tags({"decision": f"registered {name} v{version} as @{CHALLENGER}", "decision.method": best})

@@ -159,7 +159,7 @@ def ensure_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str, 
         mlflow.log_dict(history, "training_history.json")
         lineage = {"calibration_version": manifest["version"], "method": "fp32", "base_source": mcfg.source,
                    "airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id}
-        version = registry.register(client, name, model_uri, run.info.run_id, lineage,
+        version = registry.register(client, name, model_uri, key, run.info.run_id, lineage,
                                     f"FP32 champion bootstrapped from {mcfg.source} on calibration {manifest['version']}")
         client.set_registered_model_alias(name, registry.CHAMPION, version)
         log.info("registered %s version %s and set @champion", name, version)

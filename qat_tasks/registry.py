@@ -4,8 +4,8 @@ An encoder model version is an MLflow pyfunc (model from code: qat_tasks/pyfunc_
 further training and quantization), the ONNX graph that production serves, and the label list.
 `mlflow models serve -m models:/mangaassist-intent-classifier@champion` answers {"text": [...]}.
 
-Registration is idempotent: a version is tagged with the MLflow run that produced it, and a retry of that
-run finds the version instead of creating a second one.
+Registration is idempotent: a version is tagged with the stage that produced it (`qat.run_key`: DAG run,
+model, stage), and any retry of that stage finds the version instead of creating a second one.
 """
 
 from __future__ import annotations
@@ -39,33 +39,36 @@ def log_encoder(hf_dir: Path, onnx_path: Path, meta: dict) -> str:
     return info.model_uri
 
 
-def find_version(client, name: str, run_id: str):
+def find_version(client, name: str, stage_key: str):
+    """The version an earlier attempt at the same stage (same `qat.run_key`) registered, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return None
-    for v in versions:
-        if v.tags.get("source_run_id") == run_id or v.run_id == run_id:
-            return v
-    return None
+    return next((v for v in versions if v.tags.get("qat.run_key") == stage_key), None)
 
 
-def register(client, name: str, model_uri: str, run_id: str, tags: dict[str, str], description: str) -> str:
-    """Register `model_uri` as a version of `name` once per producing run; returns the version number."""
+def register(client, name: str, model_uri: str, stage_key: str, run_id: str, tags: dict[str, str],
+             description: str) -> str:
+    """Register `model_uri` as a version of `name` once per stage of a DAG run; returns the version number.
+
+    Keyed by the stage's run key, not the MLflow run id: a retry after a failed attempt runs in a new MLflow
+    run, and must still find the version the failed attempt registered before it died.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    existing = find_version(client, name, run_id)
+    existing = find_version(client, name, stage_key)
     if existing is not None:
-        log.info("model %s version %s already registered by run %s: reusing it", name, existing.version, run_id)
+        log.info("model %s version %s already registered for %s: reusing it", name, existing.version, stage_key)
         return str(existing.version)
     try:
         client.create_registered_model(name, description="MangaAssist model; versions are promoted by alias")
     except MlflowException:
         pass  # exists
-    mv = mlflow.register_model(model_uri, name, tags={"source_run_id": run_id, **tags})
+    mv = mlflow.register_model(model_uri, name, tags={"qat.run_key": stage_key, "source_run_id": run_id, **tags})
     client.update_model_version(name, mv.version, description=description)
     return str(mv.version)
 

@@ -264,3 +264,37 @@ def test_qat_static_keeps_the_activation_ranges_qat_learned(dag_run, tmp_path, t
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     (q,) = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == act]
     assert abs(float(inits[q.input[1]]) - (hi - lo) / 255) < 1e-6 * max(1.0, hi - lo)
+
+
+def test_retry_after_a_failed_attempt_that_had_registered_reuses_the_version(dag_run, mlflow_client, tiny_config,
+                                                                             monkeypatch):
+    """An attempt registers, then dies setting the alias (a transient MLflow error); its retry runs in a new
+    MLflow run but must find that version instead of registering a second one."""
+    from qat_tasks import pipeline
+
+    (run,) = _xcom(dag_run, "plan")
+    (cal,) = _xcom(dag_run, "refresh_calibration")
+    name = "mangaassist-intent-classifier"
+    run = {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + "-flaky"}}
+    saved = mlflow_client.get_model_version_by_alias(name, "champion").version
+    mlflow_client.delete_registered_model_alias(name, "champion")  # force a bootstrap in this new run
+    before = len(mlflow_client.search_model_versions(f"name = '{name}'"))
+    calls = {"n": 0}
+    from mlflow import MlflowClient
+
+    original = MlflowClient.set_registered_model_alias
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected: MLflow unavailable while setting the alias")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        pipeline.champion_stage(tiny_config, run, cal, "intent-classifier")
+    champion = pipeline.champion_stage(tiny_config, run, cal, "intent-classifier")
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", original)
+    assert len(mlflow_client.search_model_versions(f"name = '{name}'")) == before + 1
+    assert str(mlflow_client.get_model_version_by_alias(name, "champion").version) == champion["version"]
+    mlflow_client.set_registered_model_alias(name, "champion", saved)
