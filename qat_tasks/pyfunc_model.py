@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -21,10 +22,8 @@ class EncoderClassifierModel(PythonModel):
         tokenizer = AutoTokenizer.from_pretrained(context.artifacts["hf"])
         self.classifier = OnnxClassifier(Path(context.artifacts["onnx"]), tokenizer, meta["labels"], meta["max_length"])
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
-        texts = list(model_input["text"]) if hasattr(model_input, "columns") else list(model_input)
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        texts = list(model_input["text"])
         probs = self.classifier.predict_proba(texts)
         labels = self.classifier.labels
         return pd.DataFrame({"intent": [labels[i] for i in probs.argmax(1)], "confidence": probs.max(1)})
