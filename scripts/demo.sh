@@ -13,19 +13,31 @@ REASON="${REASON:-demo: quarterly recalibration on the bundled traffic sample}"
 
 echo "==> airflow db migrate ($AIRFLOW_HOME/airflow.db)"
 airflow db migrate >/dev/null
+# Remember the newest DAG run id, so the verdict below can only come from the run this command creates.
+LAST_ID=$(python - <<'PY'
+from airflow.models.dagrun import DagRun
+from airflow.utils.session import create_session
+from sqlalchemy import func, select
+with create_session() as s:
+    print(s.scalar(select(func.max(DagRun.id))) or 0)
+PY
+)
 echo "==> airflow dags test quarterly_recalibration $LOGICAL_DATE"
 CONF=$(python -c 'import json,sys; print(json.dumps({"reason": sys.argv[1]}))' "$REASON")
 # The console shows the pipeline's own messages (and any error); Airflow's full log goes to the file.
 airflow dags test quarterly_recalibration "$LOGICAL_DATE" --conf "$CONF" 2>&1 | tee "$ROOT/.state/demo-run.log" \
   | awk '/\[qat_tasks|\[error|ERROR|Traceback/ {p=1} /^20[0-9][0-9]-/ && !/\[qat_tasks|\[error|ERROR/ {p=0}
          p { sub(/^20[0-9-]+T/, ""); sub(/\.[0-9]+Z \[/, " ["); sub(/ \[qat_tasks[^]]*\] loc=.*$/, ""); print; fflush() }' || true
-python - "$LOGICAL_DATE" <<'PY'
+python - "$LAST_ID" <<'PY'
 import sys
 from airflow.models.dagrun import DagRun
 from airflow.utils.session import create_session
 from sqlalchemy import select
 with create_session() as s:
-    dr = s.scalars(select(DagRun).where(DagRun.dag_id == "quarterly_recalibration").order_by(DagRun.id.desc())).first()
+    dr = s.scalars(select(DagRun).where(DagRun.dag_id == "quarterly_recalibration", DagRun.id > int(sys.argv[1]))
+                   .order_by(DagRun.id.desc())).first()
+    if dr is None:
+        sys.exit("==> no DAG run was created: see .state/demo-run.log (DAG import error? bad --conf?)")
     print(f"==> DAG run {dr.run_id}: {dr.state}")
     for ti in sorted(dr.get_task_instances(session=s), key=lambda t: (t.start_date is None, t.start_date)):
         print(f"    {ti.task_id:<22} {ti.map_index if ti.map_index >= 0 else '':<3} {ti.state}")
