@@ -177,9 +177,10 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
                 report = bench.measure(onnx_path)
                 mlflow.log_params({"candidate": name, "champion_version": champion["version"], "candidates.rule": rule,
                                    **{f"quantization.{k}": v for k, v in qc.model_dump().items() if k != "candidates"}})
-                log_classifier_report(report, bench.labels, rare, f"{model_name} {name} (ONNX Runtime)",
-                                      cfg.evaluation.ece_bins)
-                mlflow.log_metrics({k: v for k, v in _scalars(report).items()})
+                logged = log_classifier_report(report, bench.labels, rare, f"{model_name} {name} (ONNX Runtime)",
+                                               cfg.evaluation.ece_bins)
+                # Temperature, ECE after scaling and parity: what the shared report does not log.
+                mlflow.log_metrics({k: v for k, v in _scalars(report).items() if k not in logged})
                 mlflow.log_dict({"samples_ms": report["latency_samples_ms"]}, "latency_samples.json")
                 mlflow.log_artifact(str(onnx_path), "candidate")
                 results[name] = {"run_id": run.info.run_id, "metrics": _scalars(report),
@@ -200,10 +201,14 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
     return decision
 
 
+def _verdict(cfg, qc, metrics: dict, champ: dict) -> list[gates.GateResult]:
+    return gates.encoder_gates(metrics, champ, cfg.gates.intent_classifier,
+                               metrics["parity_agreement"] >= qc.parity_min_agreement,
+                               metrics["parity_agreement"], qc.parity_min_agreement)
+
+
 def _passes(cfg, qc, metrics: dict, champ: dict) -> bool:
-    return all(r.passed for r in gates.encoder_gates(metrics, champ, cfg.gates.intent_classifier,
-                                                     metrics["parity_agreement"] >= qc.parity_min_agreement,
-                                                     metrics["parity_agreement"], qc.parity_min_agreement))
+    return all(r.passed for r in _verdict(cfg, qc, metrics, champ))
 
 
 def _mixed_precision(cfg, model_name, bench, results, champ, exp_id, key, tags, champion, tmp) -> dict | None:
@@ -258,12 +263,10 @@ def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, t
     import pandas as pd
 
     qc = cfg.model(model_name).quantization
-    g = cfg.gates.intent_classifier
     table, verdicts = [], {}
     for name, res in results.items():
         m = res["metrics"]
-        outcome = gates.encoder_gates(m, champ, g, m["parity_agreement"] >= qc.parity_min_agreement,
-                                      m["parity_agreement"], qc.parity_min_agreement)
+        outcome = _verdict(cfg, qc, m, champ)
         verdicts[name] = outcome
         table.append({"candidate": name, **m, "passed": all(r.passed for r in outcome),
                       "failed_gates": ", ".join(r.gate for r in outcome if not r.passed)})

@@ -27,23 +27,21 @@ log = logging.getLogger(__name__)
 
 def evaluate_classifier(classifier, rows: list[dict], labels: list[str], cfg: PipelineConfig) -> dict:
     """Quality and speed of an OnnxClassifier on labelled rows."""
-    from qat_tasks.modeling import latency_profile, throughput
+    from qat_tasks.modeling import latency_profile, rss_mb, throughput
 
     ev = cfg.evaluation
     texts = [r["text"] for r in rows]
     y = np.array([labels.index(r["label"]) for r in rows])
     probs = classifier.predict_proba(texts)
     report = classification_report(y, probs, labels, list(cfg.calibration.rare_intents), ev.ece_bins)
-    from qat_tasks.modeling import _rss_mb
-
-    rss_before_batches = _rss_mb()
+    rss_before_batches = rss_mb()
     lat = latency_profile(classifier.logits, texts, ev.latency_samples, ev.warmup)
     report.update({
         "p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"], "latency_samples_ms": lat["samples_ms"],
         "throughput_rps": throughput(classifier.logits, texts, ev.throughput_batch),
         "size_mb": classifier.size_bytes / 2**20,
         # Memory the model costs a serving process: the session's load plus what batch-32 inference grew.
-        "model_memory_mb": getattr(classifier, "load_rss_mb", 0.0) + max(0.0, _rss_mb() - rss_before_batches),
+        "model_memory_mb": getattr(classifier, "load_rss_mb", 0.0) + max(0.0, rss_mb() - rss_before_batches),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "probs": probs, "y_true": y,
     })

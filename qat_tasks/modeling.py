@@ -117,10 +117,10 @@ class OnnxClassifier:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        rss = _rss_mb()
+        rss = rss_mb()
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
         # Resident memory the loaded session added to this process (weights, prepacked kernels, arenas).
-        self.load_rss_mb = max(0.0, _rss_mb() - rss)
+        self.load_rss_mb = max(0.0, rss_mb() - rss)
         self.tokenizer, self.labels, self.max_length = tokenizer, labels, max_length
         self.size_bytes = sum(p.stat().st_size for p in Path(onnx_path).parent.glob(Path(onnx_path).name + "*"))
 
@@ -134,7 +134,8 @@ class OnnxClassifier:
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
+    """Resident memory of this process, MB."""
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
