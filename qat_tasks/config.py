@@ -154,6 +154,50 @@ class QuantizationConfig(Strict):
     max_fp32_units: int = Field(default=3, ge=1)
 
 
+class SplitCaps(Strict):
+    """At most this many rows (escalation detector) or query groups (reranker) per split; None: all there are."""
+
+    calibration: int | None = Field(default=None, gt=0)
+    qat_train: int | None = Field(default=None, gt=0)
+    evaluation: int | None = Field(default=None, gt=0)
+
+
+ESCALATION_DATA_KEYS = frozenset({"frustrated_max_rating", "calm_min_rating", "target_recall"})
+RERANKER_DATA_KEYS = frozenset({"candidates_per_query", "train_negatives", "product_query_share"})
+
+
+class RoleDataConfig(Strict):
+    """Rows an encoder is trained and judged on beyond the refreshed traffic (qat_tasks.role_data)."""
+
+    # Public labelled data: None takes the role's default, the human-rated sentences inside the
+    # vadersentiment==3.3.2 source archive (escalation detector) or chitchat-dataset conversations (reranker).
+    # Forms: pypi-sdist://name==version/member/in/archive, pkg://package/file, a local path, s3://bucket/key.
+    public_source: str | None = None
+    max_rows: SplitCaps = SplitCaps()
+    # Escalation detector. Sentences are rated from -4 (very negative) to +4 by ten people; the mean at or
+    # below frustrated_max_rating counts as a frustrated customer, at or above calm_min_rating as calm, and the
+    # ambiguous band in between is left out (and counted).
+    frustrated_max_rating: float = Field(default=-1.0, ge=-4, le=4)
+    calm_min_rating: float = Field(default=0.0, ge=-4, le=4)
+    # The decision threshold is tuned on held-out rows for at least this recall of frustrated customers.
+    target_recall: Fraction = 0.95
+    # Reranker: each query ranks its true passage among candidates_per_query - 1 sampled others; training pairs
+    # take train_negatives of them per query; product_query_share of the groups are MangaAssist product queries.
+    candidates_per_query: int = Field(default=20, ge=2, le=200)
+    train_negatives: int = Field(default=3, ge=1)
+    product_query_share: Fraction = 0.5
+
+    @model_validator(mode="after")
+    def _bands(self) -> RoleDataConfig:
+        if self.frustrated_max_rating >= self.calm_min_rating:
+            raise ValueError(f"frustrated_max_rating ({self.frustrated_max_rating}) must be below calm_min_rating "
+                             f"({self.calm_min_rating})")
+        if self.train_negatives >= self.candidates_per_query:
+            raise ValueError(f"train_negatives ({self.train_negatives}) must be below candidates_per_query "
+                             f"({self.candidates_per_query})")
+        return self
+
+
 class ModelConfig(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
     role: Role
@@ -164,6 +208,23 @@ class ModelConfig(Strict):
     runtime: Runtime
     training: TrainingConfig = TrainingConfig()
     quantization: QuantizationConfig = QuantizationConfig()
+    data: RoleDataConfig = RoleDataConfig()
+
+    @model_validator(mode="after")
+    def _data_keys_fit_role(self) -> ModelConfig:
+        """A reranker setting on the escalation detector is a mistake, not a no-op: name it. (Defaults written
+        out, as a dumped config has them, are not settings.)"""
+        changed = {k for k in self.data.model_fields_set
+                   if getattr(self.data, k) != RoleDataConfig.model_fields[k].get_default(call_default_factory=True)}
+        wrong = {"escalation_detector": RERANKER_DATA_KEYS, "reranker": ESCALATION_DATA_KEYS}.get(
+            self.role, ESCALATION_DATA_KEYS | RERANKER_DATA_KEYS)
+        misplaced = sorted(changed & wrong)
+        if misplaced:
+            raise ValueError(f"data.{misplaced[0]} does not apply to role {self.role!r} (model {self.name})")
+        if self.role not in ("escalation_detector", "reranker") and changed:
+            raise ValueError(f"data.{sorted(changed)[0]}: model {self.name} ({self.role}) takes no extra data; "
+                             f"the intent classifier learns from the refreshed traffic alone")
+        return self
 
 
 class EvaluationConfig(Strict):
@@ -189,7 +250,11 @@ class RerankerGates(Strict):
 
 
 class EscalationGates(Strict):
-    max_recall_drop_pts: float = 0.0
+    # A missed frustrated customer costs more than a false alarm: recall (at each model's own tuned
+    # threshold) must not drop; precision may give a little.
+    max_recall_drop_pts: float = Field(default=0.0, ge=0)
+    max_precision_drop_pts: float = Field(default=3.0, ge=0)
+    max_ece_increase: float = 0.01
     max_p95_ratio: float = Field(default=2 / 3, gt=0)
 
 

@@ -26,6 +26,7 @@ os.environ.update({
     "MLFLOW_TRACKING_URI": f"sqlite:///{_SESSION / 'mlflow' / 'mlflow.db'}",
     "QAT_STATE_DIR": str(_SESSION / "state"),
     "QAT_CONFIG": str(_SESSION / "tiny.yaml"),
+    "QAT_PUBLIC_CACHE": str(_SESSION / "public"),  # the vadersentiment sdist, fetched once per session
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -43,10 +44,13 @@ def tiny_config_dict(traffic: str) -> dict:
     data["calibration"]["sizes"] = {"calibration": 64, "qat_train": 400, "evaluation": 150}
     data["calibration"]["llm_conversations"] = 16
     data["calibration"]["min_per_intent"] = 3
-    data["models"][0]["source"] = "tiny-random://bert"
-    data["models"][0]["training"] = {"epochs": 1, "learning_rate": 1.0e-3, "batch_size": 64, "max_length": 32}
-    data["models"][0]["quantization"] = {"candidates": ["ptq_dynamic", "ptq_static_minmax"], "parity_samples": 32,
-                                         "calibration_batch_size": 16}
+    for model in data["models"][:3]:  # the encoders
+        model["source"] = "tiny-random://bert"
+        model["training"] = {"epochs": 1, "learning_rate": 1.0e-3, "batch_size": 64, "max_length": 32}
+        model["quantization"] = {"candidates": ["ptq_dynamic", "ptq_static_minmax"], "parity_samples": 32,
+                                 "calibration_batch_size": 16}
+    data["models"][1]["data"]["max_rows"] = {"calibration": 120, "qat_train": 300, "evaluation": 200}
+    data["models"][2]["data"]["max_rows"] = {"calibration": 20, "qat_train": 60, "evaluation": 20}
     data["evaluation"] = {"threads": 1, "latency_samples": 20, "warmup": 2, "throughput_batch": 8, "ece_bins": 10}
     return data
 
