@@ -49,7 +49,7 @@ def main() -> None:
     from qat_tasks.champion import ensure_champion
     from qat_tasks.config import load_config
     from qat_tasks.metrics import classification_report
-    from qat_tasks.modeling import OnnxClassifier, softmax, throughput
+    from qat_tasks.modeling import OnnxClassifier, softmax, throughput, tokenize
     from qat_tasks.tracking import RunContext, configure
 
     cfg = load_config(args.config)
@@ -73,7 +73,7 @@ def main() -> None:
     rare = list(cfg.calibration.rare_intents)
 
     def torch_logits(batch: list[str]) -> np.ndarray:
-        enc = wb.tokenizer(batch, padding=True, truncation=True, max_length=wb.max_length, return_tensors="pt")
+        enc = tokenize(wb.tokenizer, batch, wb.max_length, "pt")
         with torch.no_grad():
             return wb.hf_model(**enc).logits.numpy()
 

@@ -1,8 +1,9 @@
 """The FP32 champion: found by the registry alias @champion, or bootstrapped when a model has none yet.
 
-Bootstrapping fine-tunes the configured backbone on the QAT-training split of the current calibration
-version (class-weighted cross-entropy, so rare intents are not drowned by product searches), exports it
-to ONNX, registers it with its lineage and points @champion at it.
+Bootstrapping fine-tunes the configured backbone on the model's training rows of the current calibration
+version (qat_tasks.role_data; class-weighted cross-entropy, so rare intents and frustrated customers are not
+drowned by the common case), exports it to ONNX, registers it with its lineage and points @champion at it.
+The escalation detector's package also carries its decision threshold, tuned for recall in ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -15,20 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from qat_tasks import registry, tracking
-from qat_tasks.calibration import load_manifest, load_split
-from qat_tasks.config import ModelConfig, PipelineConfig, TrainingConfig
-from qat_tasks.schema import INTENTS
+from qat_tasks import registry, role_data, tracking
+from qat_tasks.calibration import load_manifest
+from qat_tasks.config import PipelineConfig, TrainingConfig
 
 log = logging.getLogger(__name__)
 
 STAGE = "bootstrap-champion"
-
-
-def labels_for(model_cfg: ModelConfig) -> list[str]:
-    if model_cfg.role == "intent_classifier":
-        return list(INTENTS)
-    raise NotImplementedError(f"the {model_cfg.role} track is not built yet (model {model_cfg.name})")
 
 
 def class_weights(y: np.ndarray, n_labels: int):
@@ -55,6 +49,8 @@ def train_classifier(model, tokenizer, texts: list[str], labels: list[int], n_la
     """Fine-tune `model` in place; returns a short history."""
     import torch
     from torch.nn import functional as F
+
+    from qat_tasks.modeling import tokenize
 
     torch.manual_seed(tc.seed)
     rng = random.Random(tc.seed)
@@ -85,9 +81,8 @@ def train_classifier(model, tokenizer, texts: list[str], labels: list[int], n_la
         running = 0.0
         for b in range(steps_per_epoch):
             idx = order[b * tc.batch_size:(b + 1) * tc.batch_size]
-            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=tc.max_length,
-                            return_tensors="pt")
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            enc = tokenize(tokenizer, [texts[i] for i in idx], tc.max_length, "pt")
+            logits = model(**enc).logits
             loss = F.cross_entropy(logits, torch.tensor(y[idx]), weight=weights)
             optimizer_step(loss, model, opt, sched)
             step += 1
@@ -103,6 +98,24 @@ def train_classifier(model, tokenizer, texts: list[str], labels: list[int], n_la
         bar.close()
     model.eval()
     return {"epochs": history, "steps": step}
+
+
+def serving_threshold(role, onnx_path: Path, tokenizer, splits, max_length: int) -> dict:
+    """{"threshold": t} for the escalation detector: tuned on the calibration rows, in ONNX Runtime, for the
+    configured frustrated-customer recall. Other roles decide by argmax or ranking and need none."""
+    if role.name != "escalation_detector":
+        return {}
+    from qat_tasks.metrics import recall_threshold
+    from qat_tasks.modeling import OnnxClassifier, inputs_of
+
+    rows = splits["calibration"]
+    probs = OnnxClassifier(onnx_path, tokenizer, role.labels, max_length).predict_proba(inputs_of(rows))
+    pos = role.labels.index("frustrated")
+    y = np.array([r["label"] == "frustrated" for r in rows])
+    threshold = recall_threshold(probs[:, pos], y, role.mcfg.data.target_recall)
+    log.info("%s: decision threshold %.4f for %.0f %% recall of frustrated customers on %d held-out rows",
+             role.mcfg.name, threshold, 100 * role.mcfg.data.target_recall, len(rows))
+    return {"threshold": threshold}
 
 
 def ensure_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str, ctx: tracking.RunContext) -> dict:
@@ -129,9 +142,15 @@ def ensure_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str, 
         client.set_registered_model_alias(name, registry.CHAMPION, cached["version"])
         return {**cached, "parent_run_id": parent}
 
-    labels = labels_for(mcfg)
-    rows = load_split(calibration_uri, "qat_train", cfg.traffic.s3_endpoint_url)
-    texts = [r["text"] for r in rows]
+    from qat_tasks.evaluation import dataset
+    from qat_tasks.modeling import inputs_of
+    from qat_tasks.roles import role_for
+
+    role = role_for(cfg, model_name)
+    labels = role.labels
+    splits = role_data.load(cfg, model_name, calibration_uri)
+    rows = splits["qat_train"]
+    texts = inputs_of(rows)
     y = [labels.index(r["label"]) for r in rows]
     log.info("no %s@champion yet: fine-tuning one from %s on %d rows of %s", name, mcfg.source, len(rows),
              manifest["version"])
@@ -141,7 +160,10 @@ def ensure_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str, 
 
         tc = mcfg.training
         mlflow.log_params({"source": mcfg.source, "calibration_version": manifest["version"], "train_rows": len(rows),
+                           "data.digest": splits.summary["digest"],
                            **{f"training.{k}": v for k, v in tc.model_dump().items()}})
+        mlflow.log_dict(splits.summary, "data_summary.json")
+        mlflow.log_input(dataset(rows, calibration_uri, f"{model_name}-train-{manifest['version']}"), context="training")
         from transformers import set_seed
 
         set_seed(tc.seed)  # before the head is initialised, so a rerun trains the same champion
@@ -152,9 +174,10 @@ def ensure_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str, 
             hf_dir = Path(tmp) / "hf"
             model.save_pretrained(hf_dir)
             tokenizer.save_pretrained(hf_dir)
-            onnx_path = export_onnx(model, tokenizer, Path(tmp) / "onnx" / "model.onnx", tc.max_length)
-            meta = {"labels": labels, "max_length": tc.max_length, "role": mcfg.role, "precision": "fp32",
-                    "calibration_version": manifest["version"], "source": mcfg.source}
+            onnx_path = export_onnx(model, tokenizer, Path(tmp) / "onnx" / "model.onnx", tc.max_length, role.pair)
+            meta = {"labels": labels, "max_length": tc.max_length, "role": mcfg.role, "pair": role.pair,
+                    "precision": "fp32", "calibration_version": manifest["version"], "source": mcfg.source,
+                    **serving_threshold(role, onnx_path, tokenizer, splits, tc.max_length)}
             model_uri = registry.log_encoder(hf_dir, onnx_path, meta)
         mlflow.log_dict(history, "training_history.json")
         lineage = {"calibration_version": manifest["version"], "method": "fp32", "base_source": mcfg.source,

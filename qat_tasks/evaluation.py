@@ -18,38 +18,52 @@ from pathlib import Path
 import numpy as np
 
 from qat_tasks import plots, registry, tracking
-from qat_tasks.calibration import load_manifest, load_split
+from qat_tasks.calibration import load_manifest
 from qat_tasks.config import PipelineConfig
-from qat_tasks.metrics import classification_report
+from qat_tasks.metrics import classification_report, expected_calibration_error, fit_temperature, softmax_t
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_classifier(classifier, rows: list[dict], labels: list[str], cfg: PipelineConfig) -> dict:
-    """Quality and speed of an OnnxClassifier on labelled rows."""
-    from qat_tasks.modeling import latency_profile, rss_mb, throughput
+def evaluate_classifier(classifier, splits, role, cfg: PipelineConfig, timing: bool = True) -> dict:
+    """Quality and speed of an OnnxClassifier on a model's evaluation rows. Temperature scaling is fitted,
+    and role thresholds tuned, on the calibration rows, which the evaluation never sees."""
+    from qat_tasks.modeling import inputs_of, latency_profile, rss_mb, throughput
 
     ev = cfg.evaluation
-    texts = [r["text"] for r in rows]
-    y = np.array([labels.index(r["label"]) for r in rows])
-    probs = classifier.predict_proba(texts)
-    report = classification_report(y, probs, labels, list(cfg.calibration.rare_intents), ev.ece_bins)
+    rows, tune_rows = splits["evaluation"], splits["calibration"]
+    inputs = inputs_of(rows)
+    y = np.array([role.labels.index(r["label"]) for r in rows])
+    probs = classifier.predict_proba(inputs)
+    report = classification_report(y, probs, role.labels, role.rare, ev.ece_bins)
+    tune_y = np.array([role.labels.index(r["label"]) for r in tune_rows])
+    tune_probs = classifier.predict_proba(inputs_of(tune_rows))
+    # Log-probabilities stand in for logits: same argmax, and softmax is shift-invariant.
+    t = fit_temperature(np.log(np.clip(tune_probs, 1e-12, None)), tune_y)
+    probs_t = softmax_t(np.log(np.clip(probs, 1e-12, None)), t)
+    report.update(role.extra_metrics(probs, y, rows, tune_probs, tune_y))
+    report["temperature"] = t
+    report["ece_after_ts"] = expected_calibration_error(probs_t.max(1), probs_t.argmax(1) == y, ev.ece_bins)
+    report.update({"probs": probs, "y_true": y})
+    if not timing:
+        return report
     rss_before_batches = rss_mb()
-    lat = latency_profile(classifier.logits, texts, ev.latency_samples, ev.warmup)
+    lat = latency_profile(classifier.logits, inputs, ev.latency_samples, ev.warmup)
     report.update({
         "p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"], "latency_samples_ms": lat["samples_ms"],
-        "throughput_rps": throughput(classifier.logits, texts, ev.throughput_batch),
+        "throughput_rps": throughput(classifier.logits, inputs, ev.throughput_batch),
         "size_mb": classifier.size_bytes / 2**20,
         # Memory the model costs a serving process: the session's load plus what batch-32 inference grew.
         "model_memory_mb": getattr(classifier, "load_rss_mb", 0.0) + max(0.0, rss_mb() - rss_before_batches),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "probs": probs, "y_true": y,
     })
     return report
 
 
-SCALAR_METRICS = ("accuracy", "macro_f1", "rare_class_accuracy", "escalation_recall", "ece", "p50_ms", "p95_ms",
-                  "throughput_rps", "size_mb", "model_memory_mb", "peak_rss_mb")
+SCALAR_METRICS = ("accuracy", "macro_f1", "rare_class_accuracy", "escalation_recall", "escalation_precision",
+                  "escalation_f1", "threshold", "alarm_rate", "ndcg_at_10", "mrr_at_10", "hit_at_1", "groups", "ece",
+                  "ece_after_ts", "temperature", "p50_ms", "p95_ms", "throughput_rps", "size_mb", "model_memory_mb",
+                  "peak_rss_mb")
 
 
 def log_classifier_report(report: dict, labels: list[str], rare: list[str], name: str, bins: int) -> dict:
@@ -79,10 +93,12 @@ def log_classifier_report(report: dict, labels: list[str], rare: list[str], name
 
 def evaluate_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str, champion: dict,
                       ctx: tracking.RunContext) -> dict:
-    """Evaluate the @champion version on the evaluation split of this calibration version."""
+    """Evaluate the @champion version on this calibration version's evaluation rows, in ONNX Runtime."""
     import mlflow
 
+    from qat_tasks import role_data
     from qat_tasks.modeling import OnnxClassifier
+    from qat_tasks.roles import role_for
 
     client = tracking.configure(cfg)
     name = champion["registered_model"]
@@ -95,7 +111,9 @@ def evaluate_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str
         log.info("champion evaluation already logged in run %s", cached["run_id"])
         return cached
 
-    rows = load_split(calibration_uri, "evaluation", cfg.traffic.s3_endpoint_url)
+    role = role_for(cfg, model_name)
+    splits = role_data.load(cfg, model_name, calibration_uri)
+    rows = splits["evaluation"]
     with tracking.stage_run(exp_id, key, "evaluate-champion",
                             {**ctx.tags(), "calibration.version": manifest["version"], "stage": "evaluate-champion",
                              "model.version": version}, champion["parent_run_id"]) as run, \
@@ -108,19 +126,19 @@ def evaluate_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str
                                     meta["max_length"], threads=cfg.evaluation.threads)
         mlflow.log_params({"model.registered_name": name, "model.version": version, "runtime": "onnxruntime",
                            "threads": cfg.evaluation.threads, "eval_rows": len(rows),
-                           "calibration_version": manifest["version"]})
-        eval_ds = _dataset(rows, calibration_uri, f"evaluation-{manifest['version']}")
-        mlflow.log_input(eval_ds, context="evaluation")
-        report = evaluate_classifier(classifier, rows, meta["labels"], cfg)
-        scalars = log_classifier_report(report, meta["labels"], list(cfg.calibration.rare_intents),
+                           "calibration_version": manifest["version"], "data.digest": splits.summary["digest"]})
+        mlflow.log_dict(splits.summary, "data_summary.json")
+        mlflow.log_input(dataset(rows, calibration_uri, f"{model_name}-evaluation-{manifest['version']}"),
+                         context="evaluation")
+        report = evaluate_classifier(classifier, splits, role, cfg)
+        scalars = log_classifier_report(report, role.labels, role.rare,
                                         f"{model_name} v{version} (FP32, ONNX Runtime)", cfg.evaluation.ece_bins)
-        client.set_model_version_tag(name, version, f"eval.{manifest['version']}.accuracy", f"{scalars['accuracy']:.4f}")
-        log.info("%s v%s on %d reviewed rows: accuracy %.3f, macro-F1 %.3f, rare-class accuracy %.3f, escalation recall "
-                 "%.3f, ECE %.3f, P95 %.1f ms (batch 1, %d thread(s)), %.0f req/s at batch %d, %.1f MB",
-                 name, version, len(rows), scalars["accuracy"], scalars["macro_f1"], scalars.get("rare_class_accuracy", 0),
-                 scalars.get("escalation_recall", 0), scalars["ece"], scalars["p95_ms"], cfg.evaluation.threads,
+        client.set_model_version_tag(name, version, f"eval.{manifest['version']}.headline", role.headline(scalars))
+        log.info("%s v%s on %d evaluation rows: %s; P95 %.1f ms (batch 1, %d thread(s)), %.0f req/s at batch %d, "
+                 "%.1f MB", name, version, len(rows), role.headline(scalars), scalars["p95_ms"], cfg.evaluation.threads,
                  scalars["throughput_rps"], cfg.evaluation.throughput_batch, scalars["size_mb"])
-        result = {"model": model_name, "version": version, "run_id": run.info.run_id, "metrics": scalars}
+        result = {"model": model_name, "version": version, "run_id": run.info.run_id, "metrics": scalars,
+                  "headline": role.headline(scalars)}
         tracking.set_result(result)
     # The parent run carries the headline figures so the experiment's run list compares quarters at a glance.
     mlflow.MlflowClient().log_batch(champion["parent_run_id"], metrics=[
@@ -128,9 +146,13 @@ def evaluate_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str
     return result
 
 
-def _dataset(rows: list[dict], source_uri: str, name: str):
+DATASET_COLUMNS = ("request_id", "id", "group", "text", "text_pair", "label", "label_source", "source", "language")
+
+
+def dataset(rows: list[dict], source_uri: str, name: str):
+    """Rows as an MLflow dataset (digest, schema, source) for the run's inputs."""
     import mlflow.data
     import pandas as pd
 
-    df = pd.DataFrame([{k: r[k] for k in ("request_id", "text", "label", "label_source", "language")} for r in rows])
+    df = pd.DataFrame([{k: r[k] for k in DATASET_COLUMNS if k in r} for r in rows])
     return mlflow.data.from_pandas(df, source=source_uri, name=name, targets="label")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from qat_tasks.config import EncoderGates
+from qat_tasks.config import EncoderGates, EscalationGates, RerankerGates
 
 FAILURE_MODES = {
     "accuracy": ("accuracy loss",
@@ -21,6 +21,13 @@ FAILURE_MODES = {
                      "refit temperature scaling on the quantized model, or distil from the FP32 teacher"),
     "p95_ratio": ("latency gain too small",
                   "quantize MatMul per-tensor (U8S8) and check that ONNX Runtime fused the QDQ pairs"),
+    "escalation_precision": ("false alarms (escalation)",
+                             "QAT or distillation from the FP32 teacher; the threshold for the recall target is "
+                             "too low on this candidate"),
+    "ndcg_at_10": ("ranking loss",
+                   "QAT on the reranking pairs, or keep the most sensitive layers in FP32 (mixed precision)"),
+    "mrr_at_10": ("ranking loss (top hit)",
+                  "QAT on the reranking pairs, or keep the most sensitive layers in FP32 (mixed precision)"),
     "parity": ("operator mismatch",
                "exclude the mismatching nodes from quantization, or update the opset / ONNX Runtime"),
 }
@@ -45,23 +52,56 @@ def _result(gate: str, passed: bool, cand: float, champ: float, limit: str) -> G
     return GateResult(gate, bool(passed), float(cand), float(champ), limit, mode, fix)
 
 
+def _parity(parity_ok: bool, agreement: float, min_agreement: float) -> GateResult:
+    return _result("parity", parity_ok, agreement, 1.0, f">= {min_agreement:.3f} top-1 agreement with PyTorch")
+
+
+def _drop_pts(key: str, candidate: dict, champion: dict, limit: float) -> GateResult:
+    drop_pts = 100 * (champion[key] - candidate[key])
+    return _result(key, drop_pts <= limit + 1e-9, candidate[key], champion[key], f"drop <= {limit} pts (was {drop_pts:+.2f})")
+
+
+def _ece(candidate: dict, champion: dict, max_increase: float) -> GateResult:
+    return _result("ece_after_ts", candidate["ece_after_ts"] <= champion["ece_after_ts"] + max_increase,
+                   candidate["ece_after_ts"], champion["ece_after_ts"], f"<= champion + {max_increase}")
+
+
+def _latency(candidate: dict, champion: dict, max_ratio: float) -> GateResult:
+    ratio = candidate["p95_ms"] / champion["p95_ms"]
+    return _result("p95_ratio", ratio <= max_ratio, candidate["p95_ms"], champion["p95_ms"],
+                   f"P95 <= {max_ratio:.3f} x champion (was {ratio:.3f})")
+
+
 def encoder_gates(candidate: dict, champion: dict, gates: EncoderGates, parity_ok: bool, agreement: float,
                   min_agreement: float) -> list[GateResult]:
     """Intent-classifier gates; metrics are fractions, limits in percentage points where the seeds say so."""
-    out = [_result("parity", parity_ok, agreement, 1.0, f">= {min_agreement:.3f} top-1 agreement with PyTorch")]
+    out = [_parity(parity_ok, agreement, min_agreement)]
     for key, limit in (("accuracy", gates.max_accuracy_drop_pts),
                        ("rare_class_accuracy", gates.max_rare_class_accuracy_drop_pts),
                        ("escalation_recall", gates.max_escalation_recall_drop_pts)):
         if key in champion and key in candidate:
-            drop_pts = 100 * (champion[key] - candidate[key])
-            out.append(_result(key, drop_pts <= limit + 1e-9, candidate[key], champion[key],
-                               f"drop <= {limit} pts (was {drop_pts:+.2f})"))
-    out.append(_result("ece_after_ts", candidate["ece_after_ts"] <= champion["ece_after_ts"] + gates.max_ece_increase,
-                       candidate["ece_after_ts"], champion["ece_after_ts"], f"<= champion + {gates.max_ece_increase}"))
-    ratio = candidate["p95_ms"] / champion["p95_ms"]
-    out.append(_result("p95_ratio", ratio <= gates.max_p95_ratio, candidate["p95_ms"], champion["p95_ms"],
-                       f"P95 <= {gates.max_p95_ratio:.3f} x champion (was {ratio:.3f})"))
-    return out
+            out.append(_drop_pts(key, candidate, champion, limit))
+    return [*out, _ece(candidate, champion, gates.max_ece_increase), _latency(candidate, champion, gates.max_p95_ratio)]
+
+
+def escalation_gates(candidate: dict, champion: dict, gates: EscalationGates, parity_ok: bool, agreement: float,
+                     min_agreement: float) -> list[GateResult]:
+    """Escalation detector: recall of frustrated customers, each model at its own recall-tuned threshold, must
+    not drop (default 0 points); precision may give a little; calibration and latency as for the classifier."""
+    return [_parity(parity_ok, agreement, min_agreement),
+            _drop_pts("escalation_recall", candidate, champion, gates.max_recall_drop_pts),
+            _drop_pts("escalation_precision", candidate, champion, gates.max_precision_drop_pts),
+            _ece(candidate, champion, gates.max_ece_increase), _latency(candidate, champion, gates.max_p95_ratio)]
+
+
+def reranker_gates(candidate: dict, champion: dict, gates: RerankerGates, parity_ok: bool, agreement: float,
+                   min_agreement: float) -> list[GateResult]:
+    """Reranker: NDCG@10 and MRR@10 each drop at most `max_*_drop` (absolute), P95 at least 30 % better."""
+    out = [_parity(parity_ok, agreement, min_agreement)]
+    for key, limit in (("ndcg_at_10", gates.max_ndcg10_drop), ("mrr_at_10", gates.max_mrr10_drop)):
+        drop = champion[key] - candidate[key]
+        out.append(_result(key, drop <= limit + 1e-9, candidate[key], champion[key], f"drop <= {limit} (was {drop:+.4f})"))
+    return [*out, _latency(candidate, champion, gates.max_p95_ratio)]
 
 
 def summarize(results: list[GateResult]) -> str:

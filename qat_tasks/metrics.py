@@ -80,3 +80,45 @@ def softmax_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def recall_threshold(p_positive: np.ndarray, y_positive: np.ndarray, target_recall: float) -> float:
+    """The highest decision threshold whose recall of the positive class on held-out rows reaches
+    `target_recall`: a missed frustrated customer costs more than a false alarm."""
+    pos = np.sort(p_positive[y_positive.astype(bool)])[::-1]
+    if len(pos) == 0:
+        raise ValueError("no positive rows to tune the threshold on")
+    k = max(1, int(np.ceil(target_recall * len(pos))))  # catch at least k of the positives
+    return float(pos[k - 1])
+
+
+def threshold_report(p_positive: np.ndarray, y_positive: np.ndarray, threshold: float) -> dict:
+    pred = p_positive >= threshold
+    y = y_positive.astype(bool)
+    tp = float((pred & y).sum())
+    recall = tp / max(1, y.sum())
+    precision = tp / pred.sum() if pred.any() else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"recall": recall, "precision": precision, "f1": f1, "alarm_rate": float(pred.mean())}
+
+
+def ranking_metrics(scores: np.ndarray, groups: list[str], relevant: np.ndarray, k: int = 10) -> dict:
+    """NDCG@k and MRR@k over query groups with one relevant candidate each. Ties rank the relevant candidate
+    last among equals (a pessimistic rank), so a model that scores everything alike earns nothing."""
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    ndcg, mrr, ranks = [], [], []
+    for idx in by_group.values():
+        idx_arr = np.array(idx)
+        rel = relevant[idx_arr].astype(bool)
+        if rel.sum() != 1:
+            raise ValueError(f"ranking group with {int(rel.sum())} relevant candidates; expected exactly one")
+        s = scores[idx_arr]
+        pos = s[rel][0]
+        rank = int((s[~rel] >= pos).sum()) + 1
+        ranks.append(rank)
+        ndcg.append(1.0 / np.log2(rank + 1) if rank <= k else 0.0)
+        mrr.append(1.0 / rank if rank <= k else 0.0)
+    return {f"ndcg_at_{k}": float(np.mean(ndcg)), f"mrr_at_{k}": float(np.mean(mrr)),
+            "hit_at_1": float(np.mean(np.array(ranks) == 1)), "groups": len(by_group)}

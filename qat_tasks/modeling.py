@@ -69,6 +69,27 @@ def load_tokenizer(cfg: PipelineConfig, source: str):
     return AutoTokenizer.from_pretrained(resolve_source(cfg, source))
 
 
+def inputs_of(rows: list[dict]) -> list:
+    """Model inputs of data rows: the text, or (query, passage) for a cross-encoder's rows (`text_pair`)."""
+    return [(r["text"], r["text_pair"]) if "text_pair" in r else r["text"] for r in rows]
+
+
+def is_pair(inputs: list) -> bool:
+    return bool(inputs) and isinstance(inputs[0], tuple | list)
+
+
+def tokenize(tokenizer, inputs: list, max_length: int, return_tensors: str = "np", padding: bool | str = True):
+    """Tokenize texts or (query, passage) pairs. Pairs keep token_type_ids where the tokenizer has them (BERT
+    cross-encoders use them to tell query from passage); single texts do not (DistilBERT takes none)."""
+    if is_pair(inputs):
+        first, second = [a for a, _ in inputs], [b for _, b in inputs]
+        return tokenizer(first, second, padding=padding, truncation="longest_first", max_length=max_length,
+                         return_tensors=return_tensors,
+                         return_token_type_ids="token_type_ids" in tokenizer.model_input_names)
+    return tokenizer(list(inputs), padding=padding, truncation=True, max_length=max_length,
+                     return_tensors=return_tensors, return_token_type_ids=False)
+
+
 def build_classifier(cfg: PipelineConfig, source: str, labels: list[str]):
     """A sequence classifier on the source backbone with a fresh head for `labels`, and its tokenizer."""
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
@@ -81,28 +102,31 @@ def build_classifier(cfg: PipelineConfig, source: str, labels: list[str]):
                             intermediate_size=64, max_position_embeddings=128, num_labels=len(labels),
                             id2label=id2label, label2id=label2id)
         return BertForSequenceClassification(config), tokenizer
+    # A source with a differently shaped head (a 1-logit ms-marco cross-encoder) keeps its encoder, new head.
     model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_source(cfg, source), num_labels=len(labels), id2label=id2label, label2id=label2id)
+        resolve_source(cfg, source), num_labels=len(labels), id2label=id2label, label2id=label2id,
+        ignore_mismatched_sizes=True)
     return model, tokenizer
 
 
-def export_onnx(model, tokenizer, path: Path, max_length: int) -> Path:
-    """Export a sequence classifier to ONNX (dynamic batch and sequence axes) for ONNX Runtime."""
+def export_onnx(model, tokenizer, path: Path, max_length: int, pair: bool = False) -> Path:
+    """Export a sequence classifier to ONNX (dynamic batch and sequence axes) for ONNX Runtime; a cross-encoder
+    (`pair`) also takes token_type_ids."""
     import warnings
 
     import torch
 
     model.eval()
-    sample = tokenizer(["where is my order"], padding="max_length", max_length=min(16, max_length), return_tensors="pt")
+    sample_input = [("where is my order", "order status and tracking")] if pair else ["where is my order"]
+    sample = dict(tokenize(tokenizer, sample_input, min(16, max_length), "pt", padding="max_length"))
+    names = list(sample)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # The TorchScript-based exporter writes one self-contained file in under a second for these encoders.
         torch.onnx.export(
-            model, (sample["input_ids"], sample["attention_mask"]), str(path),
-            input_names=["input_ids", "attention_mask"], output_names=["logits"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                          "logits": {0: "batch"}},
+            model, (), str(path), kwargs=sample, input_names=names, output_names=["logits"],
+            dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}},
             opset_version=17, dynamo=False)
     return path
 
@@ -122,14 +146,15 @@ class OnnxClassifier:
         # Resident memory the loaded session added to this process (weights, prepacked kernels, arenas).
         self.load_rss_mb = max(0.0, rss_mb() - rss)
         self.tokenizer, self.labels, self.max_length = tokenizer, labels, max_length
+        self.input_names = [i.name for i in self.session.get_inputs()]
         self.size_bytes = sum(p.stat().st_size for p in Path(onnx_path).parent.glob(Path(onnx_path).name + "*"))
 
-    def logits(self, texts: list[str]) -> np.ndarray:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
-        return self.session.run(["logits"], {"input_ids": enc["input_ids"].astype(np.int64),
-                                             "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+    def logits(self, texts: list) -> np.ndarray:
+        """Logits for texts, or for (query, passage) pairs when the graph is a cross-encoder."""
+        enc = tokenize(self.tokenizer, texts, self.max_length)
+        return self.session.run(["logits"], {n: enc[n].astype(np.int64) for n in self.input_names})[0]
 
-    def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def predict_proba(self, texts: list, batch_size: int = 64) -> np.ndarray:
         out = [softmax(self.logits(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
 

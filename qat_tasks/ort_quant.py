@@ -53,13 +53,16 @@ class _Reader:
         return next(self._it, None)
 
 
-def calibration_batches(tokenizer, texts: list[str], max_length: int, batch_size: int = 16) -> list[dict]:
-    # Fixed shapes: the histogram calibrators (percentile, entropy) stack outputs across batches.
+def calibration_batches(tokenizer, texts: list, max_length: int, batch_size: int = 16) -> list[dict]:
+    """Tokenized batches (texts or cross-encoder pairs) for calibration, padded to `max_length`: the histogram
+    calibrators (percentile, entropy) stack outputs across batches, so shapes must agree."""
+    from qat_tasks.modeling import tokenize
+
     texts = texts[: len(texts) - len(texts) % batch_size] or texts
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
-        out.append({"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)})
+        enc = tokenize(tokenizer, texts[i:i + batch_size], max_length, "np", padding="max_length")
+        out.append({k: v.astype(np.int64) for k, v in enc.items()})
     return out
 
 

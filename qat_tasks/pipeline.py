@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 MAX_WINDOW_DAYS = 400
 # Roles whose quarterly track is built in this release; other configured models are reported as skipped.
-TRACKS = frozenset({"intent_classifier"})
+TRACKS = frozenset({"intent_classifier", "escalation_detector", "reranker"})
 
 
 class ParamError(ValueError):
@@ -149,13 +149,11 @@ def report_stage(cfg: PipelineConfig, run: dict, calibration: dict, evaluations:
              f"  rows: {calibration['rows']}, warnings: {calibration['warnings']}"]
     for ev in evaluations:
         m = ev["metrics"]
-        lines.append(f"  {ev['model']} v{ev['version']}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
-                     f"rare-class accuracy {m.get('rare_class_accuracy', float('nan')):.3f}, escalation recall "
-                     f"{m.get('escalation_recall', float('nan')):.3f}, ECE {m['ece']:.3f}, P95 {m['p95_ms']:.1f} ms, "
+        lines.append(f"  {ev['model']} v{ev['version']} (FP32 champion): {ev.get('headline')}, P95 {m['p95_ms']:.1f} ms, "
                      f"{m['size_mb']:.1f} MB")
     for d in decisions or []:
         lines.append(f"  {d['model']} INT8: {d['decision']}"
-                     + (f" ({d['method']}: accuracy {d['metrics']['accuracy']:.3f}, P95 {d['metrics']['p95_ms']:.1f} ms, "
+                     + (f" ({d['method']}: {d.get('headline')}, P95 {d['metrics']['p95_ms']:.1f} ms, "
                         f"{d['metrics']['size_mb']:.1f} MB)" if d.get("registered_version") else
                         f" (failed gates: {d.get('why')})"))
     if skipped:

@@ -102,16 +102,17 @@ def close(fig) -> None:
     plt.close(fig)
 
 
-def accuracy_vs_latency(points: dict[str, tuple[float, float, float, bool | None]], title: str):
-    """Each candidate at (P95, accuracy), marker area by size on disk; green passed every gate, red did not,
-    black is the champion."""
+def accuracy_vs_latency(points: dict[str, tuple[float, float, float, bool | None]], title: str,
+                        quality_label: str = "accuracy"):
+    """Each candidate at (P95, quality: accuracy, or the role's headline metric), marker area by size on disk;
+    green passed every gate, red did not, black is the champion."""
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for name, (p95, acc, size_mb, passed) in points.items():
         color = "black" if passed is None else ("tab:green" if passed else "tab:red")
         ax.scatter(p95, 100 * acc, s=20 + 4 * size_mb, color=color, alpha=0.7, edgecolors="black")
         ax.annotate(f"{name}\n{size_mb:.0f} MB", (p95, 100 * acc), textcoords="offset points", xytext=(6, 4), fontsize=7)
     ax.set_xlabel("P95 latency at batch 1 (ms)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"{quality_label} (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -123,8 +124,11 @@ def sensitivity(rows: list[dict], title: str):
     units = [r["unit"] for r in rows]
     fig, ax = plt.subplots(figsize=(7.5, 4))
     x = np.arange(len(units))
-    ax.bar(x - 0.2, [r["accuracy_drop_pts"] for r in rows], 0.4, label="accuracy drop")
-    ax.bar(x + 0.2, [r["rare_class_drop_pts"] for r in rows], 0.4, label="rare-class accuracy drop", color="tab:red")
+    keys = [k.removesuffix("_drop_pts") for k in rows[0] if k.endswith("_drop_pts")] if rows else []
+    width = 0.8 / max(1, len(keys))
+    for i, key in enumerate(keys):
+        ax.bar(x - 0.4 + width * (i + 0.5), [r[f"{key}_drop_pts"] for r in rows], width,
+               label=f"{key.replace('_', ' ')} drop")
     ax.set_xticks(x, units, rotation=30, ha="right")
     ax.set_ylabel("points vs FP32")
     ax.axhline(0, color="black", linewidth=0.8)

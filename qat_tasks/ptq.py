@@ -16,7 +16,7 @@ from qat_tasks.config import QuantizationConfig
 
 
 def build(name: str, champion_onnx: Path, preprocessed: Path, hf_model, tokenizer, batches: list[dict],
-          max_length: int, qc: QuantizationConfig, out_dir: Path) -> Path:
+          max_length: int, qc: QuantizationConfig, out_dir: Path, pair: bool = False) -> Path:
     """Write candidate `name` under `out_dir` and return its ONNX path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / f"{name}.onnx"
@@ -33,7 +33,7 @@ def build(name: str, champion_onnx: Path, preprocessed: Path, hf_model, tokenize
 
         smoothed = copy.deepcopy(hf_model)
         smooth(smoothed, batches, qc.smoothquant_alpha)
-        fp32 = export_onnx(smoothed, tokenizer, out_dir / "smoothed_fp32.onnx", max_length)
+        fp32 = export_onnx(smoothed, tokenizer, out_dir / "smoothed_fp32.onnx", max_length, pair)
         pre = ort_quant.preprocess(fp32, out_dir / "smoothed_pre.onnx")
         return ort_quant.quantize_static(pre, dst, batches, "minmax")
     raise ValueError(f"unknown INT8 candidate {name!r}")

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from qat_tasks.champion import class_weights, optimizer_step
 from qat_tasks.config import QuantizationConfig, TrainingConfig
+from qat_tasks.modeling import inputs_of, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,7 @@ def train(model: nn.Module, tokenizer, texts: list[str], labels: list[int], n_la
     model.eval()
     with torch.no_grad():
         for i in range(0, min(len(texts), 8 * tc.batch_size), tc.batch_size):
-            enc = tokenizer(texts[i:i + tc.batch_size], padding=True, truncation=True, max_length=tc.max_length,
-                            return_tensors="pt")
-            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            model(**tokenize(tokenizer, texts[i:i + tc.batch_size], tc.max_length, "pt"))
     model.train()
     step, losses = 0, []
     for _epoch in range(qc.qat_epochs):
@@ -147,14 +146,13 @@ def train(model: nn.Module, tokenizer, texts: list[str], labels: list[int], n_la
                     m.observing = False
                 log.info("QAT step %d/%d: activation observers frozen", step, total)
             idx = order[b * tc.batch_size:(b + 1) * tc.batch_size]
-            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=tc.max_length,
-                            return_tensors="pt")
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            enc = tokenize(tokenizer, [texts[i] for i in idx], tc.max_length, "pt")
+            logits = model(**enc).logits
             y = torch.tensor(y_all[idx])
             loss = focal_loss(logits, y, qc.focal_gamma, weight)
             if teacher is not None:
                 with torch.no_grad():
-                    t_logits = teacher(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+                    t_logits = teacher(**enc).logits
                 temp = qc.distill_temperature
                 kd = F.kl_div(F.log_softmax(logits / temp, -1), F.softmax(t_logits / temp, -1),
                               reduction="batchmean") * temp * temp
@@ -184,7 +182,7 @@ def build(name: str, hf_model: nn.Module, tokenizer, labels: list[str], train_ro
     from pathlib import Path
 
     from qat_tasks import ort_quant
-    from qat_tasks.modeling import export_onnx
+    from qat_tasks.modeling import export_onnx, is_pair
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,13 +191,13 @@ def build(name: str, hf_model: nn.Module, tokenizer, labels: list[str], train_ro
     if variant not in trained:
         student = copy.deepcopy(hf_model)
         prepare(student)
-        texts = [r["text"] for r in train_rows]
+        texts = inputs_of(train_rows)
         y = [labels.index(r["label"]) for r in train_rows]
         info = train(student, tokenizer, texts, y, len(labels), tc, qc, teacher=hf_model if distill else None,
                      log_metric=log_metric)
         ranges = activation_ranges(student)
         convert(student)
-        fp32 = export_onnx(student, tokenizer, out_dir / f"qat_{variant}_fp32.onnx", max_length)
+        fp32 = export_onnx(student, tokenizer, out_dir / f"qat_{variant}_fp32.onnx", max_length, is_pair(texts))
         trained[variant] = (ort_quant.preprocess(fp32, out_dir / f"qat_{variant}_pre.onnx"), info, ranges)
     pre, info, ranges = trained[variant]
     dst = out_dir / f"{name}.onnx"

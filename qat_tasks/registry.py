@@ -2,7 +2,8 @@
 
 An encoder model version is an MLflow pyfunc (model from code: qat_tasks/pyfunc_model.py) whose artifacts are the Hugging Face folder (weights for
 further training and quantization), the ONNX graph that production serves, and the label list.
-`mlflow models serve -m models:/mangaassist-intent-classifier@champion` answers {"text": [...]}.
+`mlflow models serve -m models:/mangaassist-intent-classifier@champion` answers {"text": [...]}; the reranker
+takes {"text": queries, "text_pair": passages} and the escalation detector applies its recall-tuned threshold.
 
 Registration is idempotent: a version is tagged with the stage that produced it (`qat.run_key`: DAG run,
 model, stage), and any retry of that stage finds the version instead of creating a second one.
@@ -28,8 +29,17 @@ def log_encoder(hf_dir: Path, onnx_path: Path, meta: dict) -> str:
 
     meta_path = hf_dir.parent / "meta.json"
     meta_path.write_text(json.dumps(meta, indent=2))
-    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
-                               outputs=Schema([ColSpec("string", "intent"), ColSpec("double", "confidence")]))
+    role = meta.get("role", "intent_classifier")
+    if role == "reranker":
+        inputs = [ColSpec("string", "text"), ColSpec("string", "text_pair")]
+        outputs = [ColSpec("double", "score")]
+    elif role == "escalation_detector":
+        inputs = [ColSpec("string", "text")]
+        outputs = [ColSpec("string", "label"), ColSpec("double", "p_frustrated"), ColSpec("boolean", "escalate")]
+    else:
+        inputs = [ColSpec("string", "text")]
+        outputs = [ColSpec("string", "intent"), ColSpec("double", "confidence")]
+    signature = ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
     info = mlflow.pyfunc.log_model(
         name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
         artifacts={"hf": str(hf_dir), "onnx": str(onnx_path), "meta": str(meta_path)},

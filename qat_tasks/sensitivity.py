@@ -1,8 +1,8 @@
 """Per-layer sensitivity and mixed-precision fallback for INT8 encoder candidates.
 
 Sensitivity: quantize one unit (the embeddings, or one encoder layer's MatMuls) at a time with the
-candidate's own recipe, everything else FP32, and measure the drop in accuracy and rare-class accuracy
-against the FP32 graph. Fallback: keep the most sensitive units in FP32, one more at a time, until the
+candidate's own recipe, everything else FP32, and measure the drop in the role's metrics (accuracy and
+rare-class accuracy; escalation recall; NDCG@10 and MRR@10) against the FP32 graph. Fallback: keep the most sensitive units in FP32, one more at a time, until the
 gates pass or `max_fp32_units` is reached.
 """
 
@@ -33,19 +33,21 @@ def quantize(recipe: Recipe, dst: Path, batches: list[dict], percentile: float, 
 
 
 def analyse(recipe: Recipe, quality: Callable[[Path], dict], batches: list[dict], percentile: float,
-            work: Path) -> list[dict]:
-    """Sensitivity of each unit, most sensitive first. `quality(onnx_path)` returns accuracy metrics (fractions)."""
+            work: Path, keys: tuple[str, ...] = ("accuracy", "rare_class_accuracy")) -> list[dict]:
+    """Sensitivity of each unit, most sensitive first. `quality(onnx_path)` returns the metrics named in `keys`
+    (fractions); a unit's score is the sum of their drops in points."""
     work.mkdir(parents=True, exist_ok=True)
     units = ort_quant.quantizable_units(recipe.source)
     base = quality(recipe.source)
     rows = []
     for unit, nodes in units.items():
         q = quality(quantize(recipe, work / f"only_{unit}.onnx", batches, percentile, only=nodes))
-        acc_drop = 100 * (base["accuracy"] - q["accuracy"])
-        rare_drop = 100 * (base["rare_class_accuracy"] - q["rare_class_accuracy"])
-        rows.append({"unit": unit, "nodes": len(nodes), "accuracy": q["accuracy"],
-                     "rare_class_accuracy": q["rare_class_accuracy"], "accuracy_drop_pts": acc_drop,
-                     "rare_class_drop_pts": rare_drop, "score": acc_drop + rare_drop})
+        row = {"unit": unit, "nodes": len(nodes)}
+        for key in keys:
+            row[key] = q[key]
+            row[f"{key}_drop_pts"] = 100 * (base[key] - q[key])
+        row["score"] = sum(row[f"{key}_drop_pts"] for key in keys)
+        rows.append(row)
     rows.sort(key=lambda r: (-r["score"], r["unit"]))
     return rows
 

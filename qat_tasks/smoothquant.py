@@ -40,7 +40,7 @@ def smooth(model, batches: list[dict], alpha: float = 0.5) -> int:
         hooks.append(linears[0].register_forward_hook(hook))
     try:
         for b in batches:
-            model(input_ids=torch.as_tensor(b["input_ids"]), attention_mask=torch.as_tensor(b["attention_mask"]))
+            model(**{k: torch.as_tensor(v) for k, v in b.items()})
     finally:
         for h in hooks:
             h.remove()

@@ -40,8 +40,17 @@ def _xcom(dr, task_id):
         return [XComModel.deserialize_value(r) for r in sorted(rows, key=lambda r: r.map_index)]
 
 
+def _of(dr, task_id, model="intent-classifier") -> dict:
+    """The mapped task instance's result for one model."""
+    (value,) = [v for v in _xcom(dr, task_id) if v["model"] == model]
+    return value
+
+
 def test_dag_run_succeeds(dag_run):
     assert dag_run.state == "success"
+    for task_id in ("ensure_champion", "evaluate_champion", "int8_challenger"):
+        assert sorted(v["model"] for v in _xcom(dag_run, task_id)) == ["escalation-detector", "intent-classifier",
+                                                                       "reranker"]
 
 
 def _champion_versions(client) -> list:
@@ -116,8 +125,8 @@ def test_retrying_stages_of_the_same_run_duplicates_nothing(dag_run, mlflow_clie
     assert champion["version"] == "1"
     assert str(mlflow_client.get_model_version_by_alias(name, "champion").version) == "1"
     evaluation = pipeline.evaluate_stage(tiny_config, run, cal, champion)
-    assert evaluation == _xcom(dag_run, "evaluate_champion")[0]
-    (decision,) = _xcom(dag_run, "int8_challenger")
+    assert evaluation == _of(dag_run, "evaluate_champion")
+    decision = _of(dag_run, "int8_challenger")
     assert pipeline.challenger_stage(tiny_config, run, cal, champion) == decision
     versions = mlflow_client.search_model_versions(f"name = '{name}'")
     assert len(versions) == 1 + (decision["registered_version"] is not None)
@@ -136,7 +145,7 @@ def test_a_second_run_reuses_the_champion(dag_run, mlflow_client, tiny_config_pa
                    logical_date=datetime(2026, 7, 17, tzinfo=UTC))
     assert dr2.state == "success"
     assert len(_champion_versions(mlflow_client)) == 1
-    (champion,) = _xcom(dr2, "ensure_champion")
+    champion = _of(dr2, "ensure_champion")
     assert champion["bootstrapped"] is False
 
 
@@ -151,7 +160,7 @@ def test_registered_champion_serves_through_mlflow_pyfunc(dag_run, mlflow_client
 
 
 def test_int8_decision_is_logged_with_gates_and_plots(dag_run, mlflow_client):
-    (decision,) = _xcom(dag_run, "int8_challenger")
+    decision = _of(dag_run, "int8_challenger")
     run = mlflow_client.get_run(decision["run_id"])
     arts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
     assert {"comparison.json", "gates.json"} <= arts
@@ -171,7 +180,7 @@ def test_challenger_registered_once_when_gates_pass(dag_run, mlflow_client, tiny
 
     (run,) = _xcom(dag_run, "plan")
     (cal,) = _xcom(dag_run, "refresh_calibration")
-    (champion,) = _xcom(dag_run, "ensure_champion")
+    champion = _of(dag_run, "ensure_champion")
     run = {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + "-lenient"}}
     lenient = tiny_config.model_copy(update={"gates": tiny_config.gates.model_copy(update={
         "intent_classifier": tiny_config.gates.intent_classifier.model_copy(update={
@@ -199,7 +208,7 @@ def test_sensitivity_and_fp32_fallback_on_the_tiny_champion(dag_run, tmp_path, t
     from qat_tasks.challenger import Workbench
 
     (cal,) = _xcom(dag_run, "refresh_calibration")
-    (champion,) = _xcom(dag_run, "ensure_champion")
+    champion = _of(dag_run, "ensure_champion")
     wb = Workbench(tiny_config, "intent-classifier", cal["uri"], champion, tmp_path)
     recipe = sensitivity.Recipe(wb.preprocessed, "dynamic")
     rows = sensitivity.analyse(recipe, wb.quality, wb.batches, 99.9, tmp_path / "sens")
@@ -221,7 +230,7 @@ def test_mixed_precision_runs_when_nothing_passes(dag_run, mlflow_client, tiny_c
 
     (run,) = _xcom(dag_run, "plan")
     (cal,) = _xcom(dag_run, "refresh_calibration")
-    (champion,) = _xcom(dag_run, "ensure_champion")
+    champion = _of(dag_run, "ensure_champion")
     run = {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + "-impossible"}}
     g = tiny_config.gates.intent_classifier.model_copy(update={"max_p95_ratio": 1e-6})
     m = tiny_config.models[0]
@@ -248,7 +257,7 @@ def test_qat_static_keeps_the_activation_ranges_qat_learned(dag_run, tmp_path, t
     from qat_tasks.challenger import Workbench
 
     (cal,) = _xcom(dag_run, "refresh_calibration")
-    (champion,) = _xcom(dag_run, "ensure_champion")
+    champion = _of(dag_run, "ensure_champion")
     wb = Workbench(tiny_config, "intent-classifier", cal["uri"], champion, tmp_path)
     m = tiny_config.models[0]
     qc = m.quantization.model_copy(update={"qat_static_ranges": "qat"})
@@ -298,3 +307,54 @@ def test_retry_after_a_failed_attempt_that_had_registered_reuses_the_version(dag
     assert len(mlflow_client.search_model_versions(f"name = '{name}'")) == before + 1
     assert str(mlflow_client.get_model_version_by_alias(name, "champion").version) == champion["version"]
     mlflow_client.set_registered_model_alias(name, "champion", saved)
+
+
+def test_escalation_detector_track_judges_recall_at_a_tuned_threshold(dag_run, mlflow_client):
+    import json
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    name = "mangaassist-escalation-detector"
+    champ = mlflow_client.get_model_version_by_alias(name, "champion")
+    assert champ.tags["method"] == "fp32"
+    evaluation = _of(dag_run, "evaluate_champion", "escalation-detector")
+    m = evaluation["metrics"]
+    assert 0 < m["threshold"] < 1 and 0 <= m["escalation_recall"] <= 1 and "escalation_precision" in m
+    assert "escalation recall" in evaluation["headline"]
+    run = mlflow_client.get_run(evaluation["run_id"])
+    summary = json.loads(open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                                  artifact_path="data_summary.json")).read())
+    # VADER's human-rated sentences and MangaAssist traffic, both labels, in every split
+    assert set(summary["counts"]["evaluation"]) >= {"mangaassist/calm", "amazon_review/frustrated",
+                                                    "tweet/frustrated"}
+    out = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(
+        pd.DataFrame({"text": ["this is ridiculous, get me a manager NOW", "do you have One Piece volume 3"]}))
+    assert list(out.columns) == ["label", "p_frustrated", "escalate"]
+    assert (out["escalate"] == (out["label"] == "frustrated")).all()
+    decision = _of(dag_run, "int8_challenger", "escalation-detector")
+    gates = json.loads(open(mlflow.artifacts.download_artifacts(run_id=decision["run_id"],
+                                                                artifact_path="gates.json")).read())
+    assert {g["gate"] for v in gates.values() for g in v} == {"parity", "escalation_recall", "escalation_precision",
+                                                              "ece_after_ts", "p95_ratio"}
+
+
+def test_reranker_track_ranks_twenty_candidates(dag_run, mlflow_client):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    name = "mangaassist-reranker"
+    evaluation = _of(dag_run, "evaluate_champion", "reranker")
+    m = evaluation["metrics"]
+    assert 0 < m["ndcg_at_10"] <= 1 and 0 < m["mrr_at_10"] <= 1 and m["groups"] == 20
+    # a random ranker of 20 finds the relevant passage in the top 10 half the time; NDCG is bounded by 1
+    assert m["ndcg_at_10"] >= m["mrr_at_10"]
+    out = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(pd.DataFrame({
+        "text": ["do you have Berserk volume 3"] * 2,
+        "text_pair": ["Berserk volume 3, paperback.", "Naruto volume 9, box set."]}))
+    assert list(out.columns) == ["score"] and len(out) == 2
+    decision = _of(dag_run, "int8_challenger", "reranker")
+    run = mlflow_client.get_run(decision["run_id"])
+    assert "champion.ndcg_at_10" in run.data.metrics and "champion.mrr_at_10" in run.data.metrics
+    plots = {a.path for a in mlflow_client.list_artifacts(decision["run_id"], "plots")}
+    assert "plots/accuracy_vs_p95.png" in plots

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from qat_tasks.config import EncoderGates
 from qat_tasks.gates import encoder_gates, summarize
@@ -52,3 +53,66 @@ def test_method_rule_follows_the_seeds_and_config_overrides_it():
     assert set(PTQ_BASELINES) <= set(qat)  # baselines are always measured for comparison
     fixed = QuantizationConfig(candidates=("ptq_dynamic",))
     assert choose_candidates(fixed, 0.3, 1.0) == (("ptq_dynamic",), "configured")
+
+
+def test_escalation_detector_may_not_lose_recall_but_may_give_a_little_precision():
+    from qat_tasks.config import EscalationGates
+    from qat_tasks.gates import escalation_gates
+
+    champ = {"escalation_recall": 0.95, "escalation_precision": 0.80, "ece_after_ts": 0.04, "p95_ms": 12.0}
+    ok = {**champ, "escalation_precision": 0.78, "p95_ms": 7.5}
+    assert all(r.passed for r in escalation_gates(ok, champ, EscalationGates(), True, 0.99, 0.97))
+    missed = {**ok, "escalation_recall": 0.9483}  # one frustrated customer in 300 missed
+    results = {r.gate: r for r in escalation_gates(missed, champ, EscalationGates(), True, 0.99, 0.97)}
+    assert not results["escalation_recall"].passed
+    assert results["escalation_recall"].failure_mode == "rare-class collapse (escalation)"
+    noisy = {**ok, "escalation_precision": 0.70}
+    (prec,) = [r for r in escalation_gates(noisy, champ, EscalationGates(), True, 0.99, 0.97)
+               if r.gate == "escalation_precision"]
+    assert not prec.passed and "threshold" in prec.fix
+
+
+def test_reranker_gates_use_absolute_ndcg_and_mrr_drops_and_a_30_percent_latency_gain():
+    from qat_tasks.config import RerankerGates
+    from qat_tasks.gates import reranker_gates
+
+    champ = {"ndcg_at_10": 0.80, "mrr_at_10": 0.74, "p95_ms": 10.0}
+    ok = {"ndcg_at_10": 0.791, "mrr_at_10": 0.731, "p95_ms": 7.0}
+    assert all(r.passed for r in reranker_gates(ok, champ, RerankerGates(), True, 0.99, 0.97))
+    bad = {"ndcg_at_10": 0.785, "mrr_at_10": 0.74, "p95_ms": 7.5}
+    results = {r.gate: r for r in reranker_gates(bad, champ, RerankerGates(), True, 0.99, 0.97)}
+    assert not results["ndcg_at_10"].passed and results["ndcg_at_10"].failure_mode == "ranking loss"
+    assert results["mrr_at_10"].passed
+    assert not results["p95_ratio"].passed and results["p95_ratio"].failure_mode == "latency gain too small"
+
+
+def test_ranking_metrics_rank_ties_pessimistically():
+    from qat_tasks.metrics import ranking_metrics
+
+    groups = ["a"] * 3 + ["b"] * 3 + ["c"] * 12
+    relevant = np.array([1, 0, 0, 0, 1, 0] + [1] + [0] * 11)
+    scores = np.array([3.0, 1.0, 2.0,   # a: rank 1
+                       5.0, 4.0, 1.0,   # b: rank 2
+                       0.0] + [1.0] * 11)  # c: rank 12, outside the top 10
+    m = ranking_metrics(scores, groups, relevant, k=10)
+    assert m["mrr_at_10"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert m["ndcg_at_10"] == pytest.approx((1 + 1 / np.log2(3) + 0) / 3)
+    assert m["hit_at_1"] == pytest.approx(1 / 3) and m["groups"] == 3
+    flat = ranking_metrics(np.zeros(3), ["g"] * 3, np.array([0, 1, 0]))
+    assert flat["mrr_at_10"] == pytest.approx(1 / 3), "a model that scores everything alike earns the worst rank"
+    with pytest.raises(ValueError, match="exactly one"):
+        ranking_metrics(np.zeros(2), ["g", "g"], np.array([1, 1]))
+
+
+def test_recall_threshold_reaches_the_target_on_held_out_rows():
+    from qat_tasks.metrics import recall_threshold, threshold_report
+
+    rng = np.random.default_rng(0)
+    n = 20000
+    y = rng.random(n) < 0.2
+    p = np.clip(np.where(y, rng.normal(0.7, 0.2, n), rng.normal(0.3, 0.2, n)), 0, 1)
+    t = recall_threshold(p[: n // 2], y[: n // 2], 0.95)
+    assert threshold_report(p[: n // 2], y[: n // 2], t)["recall"] >= 0.95
+    held_out = threshold_report(p[n // 2:], y[n // 2:], t)
+    assert 0.93 <= held_out["recall"] <= 0.97  # argmax (0.5) would catch only about 84 %
+    assert t < 0.5, "recall first: the threshold sits below the argmax boundary"
