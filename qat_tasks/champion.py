@@ -156,7 +156,7 @@ def ensure_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str, 
              manifest["version"])
     with tracking.stage_run(exp_id, key, STAGE, {**ctx.tags(), "calibration.version": manifest["version"],
                                                   "model.method": "fp32", "stage": STAGE}, parent) as run:
-        from qat_tasks.modeling import build_classifier, export_onnx
+        from qat_tasks.modeling import build_classifier, check_export, export_onnx
 
         tc = mcfg.training
         mlflow.log_params({"source": mcfg.source, "calibration_version": manifest["version"], "train_rows": len(rows),
@@ -175,6 +175,8 @@ def ensure_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str, 
             model.save_pretrained(hf_dir)
             tokenizer.save_pretrained(hf_dir)
             onnx_path = export_onnx(model, tokenizer, Path(tmp) / "onnx" / "model.onnx", tc.max_length, role.pair)
+            mlflow.log_metric("export_max_abs_logit_diff", check_export(model, tokenizer, onnx_path, texts[:32],
+                                                                        tc.max_length))
             meta = {"labels": labels, "max_length": tc.max_length, "role": mcfg.role, "pair": role.pair,
                     "precision": "fp32", "calibration_version": manifest["version"], "source": mcfg.source,
                     **serving_threshold(role, onnx_path, tokenizer, splits, tc.max_length)}

