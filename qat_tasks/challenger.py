@@ -33,11 +33,10 @@ class Workbench:
     """Everything candidates are measured against: champion files, the model's rows, PyTorch reference logits."""
 
     def __init__(self, cfg: PipelineConfig, model_name: str, calibration_uri: str, champion: dict, tmp: Path):
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from qat_tasks import ort_quant, role_data
-        from qat_tasks.modeling import inputs_of, tokenize
+        from qat_tasks.modeling import inputs_of
         from qat_tasks.roles import role_for
 
         self.cfg, self.mcfg = cfg, cfg.model(model_name)
@@ -60,9 +59,16 @@ class Workbench:
         self.preprocessed = ort_quant.preprocess(self.paths["onnx"], tmp / "preprocessed.onnx")
         step = max(1, len(self.eval_rows) // qc.parity_samples)  # spread over the split (and reranking groups)
         self.parity_texts = inputs_of(self.eval_rows[::step][: qc.parity_samples])
+        self.reference_logits = self.reference(self.hf_model)
+
+    def reference(self, model) -> np.ndarray:
+        """PyTorch logits of `model` (the champion, or a QAT-trained student) on the parity inputs."""
+        import torch
+
+        from qat_tasks.modeling import tokenize
+
         with torch.no_grad():
-            enc = tokenize(self.tokenizer, self.parity_texts, self.max_length, "pt")
-            self.reference_logits = self.hf_model(**enc).logits.numpy()
+            return model(**tokenize(self.tokenizer, self.parity_texts, self.max_length, "pt")).logits.numpy()
 
     def _classifier(self, onnx_path: Path):
         from qat_tasks.modeling import OnnxClassifier
@@ -87,15 +93,17 @@ class Workbench:
             return Recipe(tmp / name / "smoothed_pre.onnx", kind)
         return Recipe(self.preprocessed, kind)
 
-    def measure(self, onnx_path: Path) -> dict:
-        """Every metric of the role in ONNX Runtime, plus parity with the PyTorch model the graph came from."""
+    def measure(self, onnx_path: Path, reference_logits: np.ndarray | None = None) -> dict:
+        """Every metric of the role in ONNX Runtime, plus parity with the PyTorch model the graph came from
+        (`reference_logits`; default the champion's)."""
         from qat_tasks.evaluation import evaluate_classifier
 
+        ref = self.reference_logits if reference_logits is None else reference_logits
         clf = self._classifier(onnx_path)
         report = evaluate_classifier(clf, self.splits, self.role, self.cfg)
         cand_logits = clf.logits(self.parity_texts)
-        report["parity_agreement"] = float((cand_logits.argmax(1) == self.reference_logits.argmax(1)).mean())
-        report["parity_max_abs_logit_diff"] = float(np.abs(cand_logits - self.reference_logits).max())
+        report["parity_agreement"] = self.role.parity(cand_logits, ref)
+        report["parity_max_abs_logit_diff"] = float(np.abs(cand_logits - ref).max())
         return report
 
 
@@ -164,10 +172,13 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
                                                 bench.batches, bench.max_length, mcfg.training, qc, tmp / "qat",
                                                 bench.trained, lambda k, v, s: mlflow.log_metric(k, v, step=s))
                     mlflow.log_dict(info, "qat_training.json")
+                    # Parity against the QAT-trained model the graph came from, not the champion it started as.
+                    reference = bench.reference(bench.trained["distill" if "distill" in name else "labels"][3])
                 else:
+                    reference = None
                     onnx_path = ptq.build(name, bench.paths["onnx"], bench.preprocessed, bench.hf_model,
                                           bench.tokenizer, bench.batches, bench.max_length, qc, tmp / name, bench.pair)
-                report = bench.measure(onnx_path)
+                report = bench.measure(onnx_path, reference)
                 mlflow.log_params({"candidate": name, "champion_version": champion["version"], "candidates.rule": rule,
                                    **{f"quantization.{k}": v for k, v in qc.model_dump().items() if k != "candidates"}})
                 logged = log_classifier_report(report, bench.labels, role.rare, f"{model_name} {name} (ONNX Runtime)",
@@ -214,11 +225,15 @@ def _mixed_precision(cfg, model_name, bench, results, champ, exp_id, key, tags, 
     if done is not None:
         return done or None
     qc = cfg.model(model_name).quantization
-    eligible = {n: r for n, r in results.items() if r["metrics"]["parity_agreement"] >= qc.parity_min_agreement}
+    # A QAT candidate is a base only when its training is at hand (a retried task may have skipped it).
+    eligible = {n: r for n, r in results.items() if r["metrics"]["parity_agreement"] >= qc.parity_min_agreement
+                and (not n.startswith("qat") or ("distill" if "distill" in n else "labels") in bench.trained)}
     if not eligible:
         return None
     base = max(eligible, key=lambda n: bench.role.rank_key(eligible[n]["metrics"]))
     recipe = bench.recipe(base, tmp)
+    reference = bench.reference(bench.trained["distill" if "distill" in base else "labels"][3]) \
+        if base.startswith("qat") else None
     log.info("%s: no candidate passed; per-layer sensitivity of %s, then FP32 fallback", model_name, base)
     with tracking.stage_run(exp_id, key, f"int8 mixed precision ({base})",
                             {**tags, "stage": "int8-mixed-precision", "candidate": base}, champion["parent_run_id"]) as run:
@@ -232,7 +247,7 @@ def _mixed_precision(cfg, model_name, bench, results, champ, exp_id, key, tags, 
         for step, keep in enumerate(sensitivity.fallback_steps(sens, qc.max_fp32_units), 1):
             path = sensitivity.quantize(recipe, tmp / "fallback" / f"{base}_fp32_{step}.onnx", bench.batches,
                                         qc.percentile, exclude=sensitivity.nodes_of(recipe, keep))
-            report = bench.measure(path)
+            report = bench.measure(path, reference)
             metrics = _scalars(report)
             passed = _passes(bench.role, qc, metrics, champ)
             mlflow.log_metrics({f"fallback.{k}": v for k, v in metrics.items()}, step=step)

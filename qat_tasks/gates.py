@@ -52,8 +52,9 @@ def _result(gate: str, passed: bool, cand: float, champ: float, limit: str) -> G
     return GateResult(gate, bool(passed), float(cand), float(champ), limit, mode, fix)
 
 
-def _parity(parity_ok: bool, agreement: float, min_agreement: float) -> GateResult:
-    return _result("parity", parity_ok, agreement, 1.0, f">= {min_agreement:.3f} top-1 agreement with PyTorch")
+def _parity(parity_ok: bool, agreement: float, min_agreement: float, measure: str = "top-1 agreement") -> GateResult:
+    return _result("parity", parity_ok, agreement, 1.0, f">= {min_agreement:.3f} {measure} with the PyTorch model "
+                                                        f"it came from")
 
 
 def _drop_pts(key: str, candidate: dict, champion: dict, limit: float) -> GateResult:
@@ -96,8 +97,9 @@ def escalation_gates(candidate: dict, champion: dict, gates: EscalationGates, pa
 
 def reranker_gates(candidate: dict, champion: dict, gates: RerankerGates, parity_ok: bool, agreement: float,
                    min_agreement: float) -> list[GateResult]:
-    """Reranker: NDCG@10 and MRR@10 each drop at most `max_*_drop` (absolute), P95 at least 30 % better."""
-    out = [_parity(parity_ok, agreement, min_agreement)]
+    """Reranker: NDCG@10 and MRR@10 each drop at most `max_*_drop` (absolute), P95 at least 30 % better.
+    Parity is the rank correlation of relevance scores: near-tied pairs flip their argmax under any noise."""
+    out = [_parity(parity_ok, agreement, min_agreement, "rank correlation of scores")]
     for key, limit in (("ndcg_at_10", gates.max_ndcg10_drop), ("mrr_at_10", gates.max_mrr10_drop)):
         drop = champion[key] - candidate[key]
         out.append(_result(key, drop <= limit + 1e-9, candidate[key], champion[key], f"drop <= {limit} (was {drop:+.4f})"))

@@ -198,8 +198,9 @@ def build(name: str, hf_model: nn.Module, tokenizer, labels: list[str], train_ro
         ranges = activation_ranges(student)
         convert(student)
         fp32 = export_onnx(student, tokenizer, out_dir / f"qat_{variant}_fp32.onnx", max_length, is_pair(texts))
-        trained[variant] = (ort_quant.preprocess(fp32, out_dir / f"qat_{variant}_pre.onnx"), info, ranges)
-    pre, info, ranges = trained[variant]
+        # (pre-processed FP32 graph, training info, QAT activation ranges, the trained model for parity)
+        trained[variant] = (ort_quant.preprocess(fp32, out_dir / f"qat_{variant}_pre.onnx"), info, ranges, student)
+    pre, info, ranges, _ = trained[variant]
     dst = out_dir / f"{name}.onnx"
     if name.endswith("dynamic"):
         return ort_quant.quantize_dynamic(pre, dst), info

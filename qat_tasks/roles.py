@@ -47,6 +47,10 @@ class IntentRole:
     def gates(self, cand: dict, champ: dict, parity_ok: bool, agreement: float, min_agreement: float):
         return gates.encoder_gates(cand, champ, self.gate_config, parity_ok, agreement, min_agreement)
 
+    def parity(self, candidate_logits: np.ndarray, reference_logits: np.ndarray) -> float:
+        """How closely a graph reproduces the PyTorch model it came from: top-1 agreement."""
+        return float((candidate_logits.argmax(1) == reference_logits.argmax(1)).mean())
+
     def rank_key(self, m: dict) -> tuple:
         """Which of several passing candidates is best: the most accurate, ties to the faster."""
         return m["accuracy"], m.get("rare_class_accuracy", 0.0), -m["p95_ms"]
@@ -123,6 +127,15 @@ class RerankerRole(IntentRole):
 
     def gates(self, cand, champ, parity_ok, agreement, min_agreement):
         return gates.reranker_gates(cand, champ, self.gate_config, parity_ok, agreement, min_agreement)
+
+    def parity(self, candidate_logits: np.ndarray, reference_logits: np.ndarray) -> float:
+        """Spearman correlation of relevance scores: ranking is what the reranker is for, and a weakly separated
+        pair flips its argmax under quantization noise while an operator mismatch scrambles the order."""
+        def ranks(logits):
+            return np.argsort(np.argsort(logits[:, 1] - logits[:, 0])).astype(float)
+
+        a, b = ranks(candidate_logits), ranks(reference_logits)
+        return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
 
     def rank_key(self, m: dict) -> tuple:
         return m["ndcg_at_10"], m["mrr_at_10"], -m["p95_ms"]

@@ -116,3 +116,15 @@ def test_recall_threshold_reaches_the_target_on_held_out_rows():
     held_out = threshold_report(p[n // 2:], y[n // 2:], t)
     assert 0.93 <= held_out["recall"] <= 0.97  # argmax (0.5) would catch only about 84 %
     assert t < 0.5, "recall first: the threshold sits below the argmax boundary"
+
+
+def test_reranker_parity_is_rank_correlation_not_argmax_agreement(tiny_config):
+    from qat_tasks.roles import RerankerRole
+
+    role = RerankerRole(tiny_config, "reranker")
+    rng = np.random.default_rng(3)
+    ref = np.stack([np.zeros(400), rng.normal(0, 0.05, 400)], axis=1)  # near-tied pairs, as a weak reranker has
+    noisy = ref + rng.normal(0, 0.006, ref.shape)                       # quantization-sized noise
+    assert (noisy.argmax(1) == ref.argmax(1)).mean() < 0.97 <= role.parity(noisy, ref)
+    scrambled = ref[rng.permutation(400)]                                 # what an operator mismatch does
+    assert role.parity(scrambled, ref) < 0.5
