@@ -23,7 +23,7 @@ class IntentRole:
     name = "intent_classifier"
     pair = False
     sensitivity_keys = ("accuracy", "rare_class_accuracy")
-    headline_keys = ("accuracy", "macro_f1", "rare_class_accuracy", "escalation_recall", "ece", "ece_after_ts")
+    labelled_sources: tuple[str, ...] = ("reviewed",)  # label sources the seeds' rule counts as labels
 
     def __init__(self, cfg: PipelineConfig, model_name: str):
         self.cfg, self.mcfg = cfg, cfg.model(model_name)
@@ -32,13 +32,13 @@ class IntentRole:
 
     @property
     def gate_config(self):
-        return self.cfg.gates.intent_classifier
+        return getattr(self.cfg.gates, self.name)  # gates.<role>
 
     def tolerance_pts(self) -> float:
         return self.gate_config.max_accuracy_drop_pts
 
     def labelled_fraction(self, rows: list[dict]) -> float:
-        return sum(r["label_source"] == "reviewed" for r in rows) / max(1, len(rows))
+        return sum(r["label_source"] in self.labelled_sources for r in rows) / max(1, len(rows))
 
     def extra_metrics(self, probs: np.ndarray, y: np.ndarray, rows: list[dict], tune_probs: np.ndarray,
                       tune_y: np.ndarray) -> dict:
@@ -64,20 +64,14 @@ class IntentRole:
 class EscalationRole(IntentRole):
     name = "escalation_detector"
     sensitivity_keys = ("escalation_recall", "accuracy")
+    labelled_sources = ("reviewed", "human_rated")
 
     def __init__(self, cfg: PipelineConfig, model_name: str):
         super().__init__(cfg, model_name)
         self.labels, self.rare = list(ESCALATION_LABELS), ["frustrated"]
 
-    @property
-    def gate_config(self):
-        return self.cfg.gates.escalation_detector
-
     def tolerance_pts(self) -> float:
         return self.gate_config.max_recall_drop_pts
-
-    def labelled_fraction(self, rows: list[dict]) -> float:
-        return sum(r["label_source"] in ("reviewed", "human_rated") for r in rows) / max(1, len(rows))
 
     def extra_metrics(self, probs, y, rows, tune_probs, tune_y) -> dict:
         """Recall, precision and alarm rate at the threshold tuned on held-out rows for the target recall."""
@@ -107,10 +101,6 @@ class RerankerRole(IntentRole):
     def __init__(self, cfg: PipelineConfig, model_name: str):
         super().__init__(cfg, model_name)
         self.labels, self.rare = list(RERANK_LABELS), []
-
-    @property
-    def gate_config(self):
-        return self.cfg.gates.reranker
 
     def tolerance_pts(self) -> float:
         return 100 * min(self.gate_config.max_ndcg10_drop, self.gate_config.max_mrr10_drop)
