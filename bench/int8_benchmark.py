@@ -77,7 +77,7 @@ def bench_model(cfg, model_name: str, calibration_uri: str, ctx, args, tmp: Path
     from qat_tasks import ptq, qat
     from qat_tasks.challenger import Workbench
     from qat_tasks.champion import ensure_champion
-    from qat_tasks.metrics import classification_report
+    from qat_tasks.evaluation import evaluate_classifier
     from qat_tasks.modeling import OnnxClassifier, inputs_of, softmax, throughput, tokenize
 
     t0 = time.time()
@@ -87,9 +87,7 @@ def bench_model(cfg, model_name: str, calibration_uri: str, ctx, args, tmp: Path
     wb = Workbench(cfg, model_name, calibration_uri, champion, tmp / "work")
     role = wb.role
     print(f"\n{model_name}: FP32 champion ready in {time.time() - t0:.0f} s", flush=True)
-    inputs, tune_inputs = inputs_of(wb.eval_rows), inputs_of(wb.splits["calibration"])
-    y = np.array([wb.labels.index(r["label"]) for r in wb.eval_rows])
-    tune_y = np.array([wb.labels.index(r["label"]) for r in wb.splits["calibration"]])
+    inputs = inputs_of(wb.eval_rows)
 
     def torch_logits(batch: list) -> np.ndarray:
         with torch.no_grad():
@@ -114,15 +112,16 @@ def bench_model(cfg, model_name: str, calibration_uri: str, ctx, args, tmp: Path
         variants[f"INT8 {name}"] = (clf.logits, clf.size_bytes / 2**20)
         print(f"  built {name} in {build_s[name]:.0f} s", flush=True)
 
-    def probs_of(fn, xs: list) -> np.ndarray:
-        return np.concatenate([softmax(fn(xs[i:i + 64])) for i in range(0, len(xs), 64)])
+    class Probs:  # what evaluate_classifier asks of a classifier, for PyTorch and ORT alike
+        def __init__(self, fn):
+            self.fn = fn
 
-    quality = {}
-    for name, (fn, _) in variants.items():
-        probs = probs_of(fn, inputs)
-        q = classification_report(y, probs, wb.labels, role.rare)
-        q.update(role.extra_metrics(probs, y, wb.eval_rows, probs_of(fn, tune_inputs), tune_y))
-        quality[name] = q
+        def predict_proba(self, xs: list) -> np.ndarray:
+            return np.concatenate([softmax(self.fn(xs[i:i + 64])) for i in range(0, len(xs), 64)])
+
+    # The pipeline's own evaluation (thresholds and temperatures tuned on the calibration rows), timing apart.
+    quality = {name: evaluate_classifier(Probs(fn), wb.splits, role, cfg, timing=False)
+               for name, (fn, _) in variants.items()}
     lat: dict[str, list[float]] = {n: [] for n in variants}
     for fn, _ in variants.values():  # warm-up
         for i in range(10):

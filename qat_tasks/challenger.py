@@ -88,7 +88,7 @@ class Workbench:
         kind = "dynamic" if name.endswith("dynamic") else ("minmax" if name.startswith("qat") or name.endswith(
             "smoothquant") else name.removeprefix("ptq_static_"))
         if name.startswith("qat"):
-            return Recipe(self.trained["distill" if "distill" in name else "labels"][0], kind)  # (pre, info, ranges)
+            return Recipe(self.trained[qat_variant(name)][0], kind)  # (pre, info, ranges, model)
         if name == "ptq_static_smoothquant":
             return Recipe(tmp / name / "smoothed_pre.onnx", kind)
         return Recipe(self.preprocessed, kind)
@@ -105,6 +105,11 @@ class Workbench:
         report["parity_agreement"] = self.role.parity(cand_logits, ref)
         report["parity_max_abs_logit_diff"] = float(np.abs(cand_logits - ref).max())
         return report
+
+
+def qat_variant(candidate: str) -> str:
+    """Which QAT training a candidate is exported from (Workbench.trained key)."""
+    return "distill" if "distill" in candidate else "labels"
 
 
 PTQ_BASELINES = ("ptq_dynamic", "ptq_static_minmax", "ptq_static_percentile", "ptq_static_entropy")
@@ -173,7 +178,7 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
                                                 bench.trained, lambda k, v, s: mlflow.log_metric(k, v, step=s))
                     mlflow.log_dict(info, "qat_training.json")
                     # Parity against the QAT-trained model the graph came from, not the champion it started as.
-                    reference = bench.reference(bench.trained["distill" if "distill" in name else "labels"][3])
+                    reference = bench.reference(bench.trained[qat_variant(name)][3])
                 else:
                     reference = None
                     onnx_path = ptq.build(name, bench.paths["onnx"], bench.preprocessed, bench.hf_model,
@@ -227,13 +232,12 @@ def _mixed_precision(cfg, model_name, bench, results, champ, exp_id, key, tags, 
     qc = cfg.model(model_name).quantization
     # A QAT candidate is a base only when its training is at hand (a retried task may have skipped it).
     eligible = {n: r for n, r in results.items() if r["metrics"]["parity_agreement"] >= qc.parity_min_agreement
-                and (not n.startswith("qat") or ("distill" if "distill" in n else "labels") in bench.trained)}
+                and (not n.startswith("qat") or qat_variant(n) in bench.trained)}
     if not eligible:
         return None
     base = max(eligible, key=lambda n: bench.role.rank_key(eligible[n]["metrics"]))
     recipe = bench.recipe(base, tmp)
-    reference = bench.reference(bench.trained["distill" if "distill" in base else "labels"][3]) \
-        if base.startswith("qat") else None
+    reference = bench.reference(bench.trained[qat_variant(base)][3]) if base.startswith("qat") else None
     log.info("%s: no candidate passed; per-layer sensitivity of %s, then FP32 fallback", model_name, base)
     with tracking.stage_run(exp_id, key, f"int8 mixed precision ({base})",
                             {**tags, "stage": "int8-mixed-precision", "candidate": base}, champion["parent_run_id"]) as run:

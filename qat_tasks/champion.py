@@ -100,22 +100,18 @@ def train_classifier(model, tokenizer, texts: list[str], labels: list[int], n_la
     return {"epochs": history, "steps": step}
 
 
-def serving_threshold(role, onnx_path: Path, tokenizer, splits, max_length: int) -> dict:
-    """{"threshold": t} for the escalation detector: tuned on the calibration rows, in ONNX Runtime, for the
-    configured frustrated-customer recall. Other roles decide by argmax or ranking and need none."""
-    if role.name != "escalation_detector":
-        return {}
-    from qat_tasks.metrics import recall_threshold
+def serving_meta(role, onnx_path: Path, tokenizer, splits, max_length: int) -> dict:
+    """The role's serving settings (the escalation detector's recall-tuned threshold), from the exported
+    graph's probabilities in ONNX Runtime on the calibration rows."""
     from qat_tasks.modeling import OnnxClassifier, inputs_of
 
     rows = splits["calibration"]
-    probs = OnnxClassifier(onnx_path, tokenizer, role.labels, max_length).predict_proba(inputs_of(rows))
-    pos = role.labels.index("frustrated")
-    y = np.array([r["label"] == "frustrated" for r in rows])
-    threshold = recall_threshold(probs[:, pos], y, role.mcfg.data.target_recall)
-    log.info("%s: decision threshold %.4f for %.0f %% recall of frustrated customers on %d held-out rows",
-             role.mcfg.name, threshold, 100 * role.mcfg.data.target_recall, len(rows))
-    return {"threshold": threshold}
+    meta = role.serving_meta(
+        lambda: OnnxClassifier(onnx_path, tokenizer, role.labels, max_length).predict_proba(inputs_of(rows)),
+        np.array([role.labels.index(r["label"]) for r in rows]))
+    if meta:
+        log.info("%s serving settings from %d held-out rows: %s", role.mcfg.name, len(rows), meta)
+    return meta
 
 
 def ensure_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str, ctx: tracking.RunContext) -> dict:
@@ -179,7 +175,7 @@ def ensure_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str, 
                                                                         tc.max_length))
             meta = {"labels": labels, "max_length": tc.max_length, "role": mcfg.role, "pair": role.pair,
                     "precision": "fp32", "calibration_version": manifest["version"], "source": mcfg.source,
-                    **serving_threshold(role, onnx_path, tokenizer, splits, tc.max_length)}
+                    **serving_meta(role, onnx_path, tokenizer, splits, tc.max_length)}
             model_uri = registry.log_encoder(hf_dir, onnx_path, meta)
         mlflow.log_dict(history, "training_history.json")
         lineage = {"calibration_version": manifest["version"], "method": "fp32", "base_source": mcfg.source,

@@ -8,6 +8,8 @@ classification report, its promotion gates, what the seeds' rule reads as its to
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from qat_tasks import gates
@@ -44,6 +46,11 @@ class IntentRole:
                       tune_y: np.ndarray) -> dict:
         return {}
 
+    def serving_meta(self, tune_probs: Callable[[], np.ndarray], tune_y: np.ndarray) -> dict:
+        """What the served package needs beyond its labels, from held-out probabilities (computed on demand):
+        nothing for argmax and ranking roles."""
+        return {}
+
     def gates(self, cand: dict, champ: dict, parity_ok: bool, agreement: float, min_agreement: float):
         return gates.encoder_gates(cand, champ, self.gate_config, parity_ok, agreement, min_agreement)
 
@@ -73,11 +80,19 @@ class EscalationRole(IntentRole):
     def tolerance_pts(self) -> float:
         return self.gate_config.max_recall_drop_pts
 
+    def threshold(self, tune_probs: np.ndarray, tune_y: np.ndarray) -> float:
+        """The decision threshold tuned on held-out rows for the configured frustrated-customer recall."""
+        pos = self.labels.index("frustrated")
+        return recall_threshold(tune_probs[:, pos], tune_y == pos, self.mcfg.data.target_recall)
+
+    def serving_meta(self, tune_probs, tune_y) -> dict:
+        return {"threshold": self.threshold(tune_probs(), tune_y)}
+
     def extra_metrics(self, probs, y, rows, tune_probs, tune_y) -> dict:
         """Recall, precision and alarm rate at the threshold tuned on held-out rows for the target recall."""
-        pos = self.labels.index("frustrated")
-        threshold = recall_threshold(tune_probs[:, pos], tune_y == pos, self.mcfg.data.target_recall)
-        at = threshold_report(probs[:, pos], y == pos, threshold)
+        threshold = self.threshold(tune_probs, tune_y)
+        at = threshold_report(probs[:, self.labels.index("frustrated")], y == self.labels.index("frustrated"),
+                              threshold)
         return {"threshold": threshold, "escalation_recall": at["recall"], "escalation_precision": at["precision"],
                 "escalation_f1": at["f1"], "alarm_rate": at["alarm_rate"]}
 
