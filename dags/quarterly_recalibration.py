@@ -95,14 +95,33 @@ def quarterly_recalibration():
 
         return challenger_stage(CONFIG, run, calibration, champion)
 
+    @task
+    def llm_models(run: dict) -> list[str]:
+        """The selected LLMs (4-bit track, mapped over below)."""
+        from qat_tasks.pipeline import llm_models
+
+        return llm_models(CONFIG, run)
+
+    # Production: Celery queue `gpu` and a one-slot pool, so one quantization holds the GPU at a time; the
+    # embedded default runs it on the same CPU worker as everything else (configs' `scheduling`).
+    @task(multiple_outputs=False, map_index_template="{{ model_name }}", queue=CONFIG.scheduling.llm_queue,
+          pool=CONFIG.scheduling.llm_pool, execution_timeout=timedelta(hours=8))
+    def llm_4bit_challenger(run: dict, calibration: dict, model_name: str) -> dict:
+        """Quantize the LLM with RTN, AWQ and GPTQ, judge each against the unquantized model, register the best."""
+        from qat_tasks.pipeline import llm_stage
+
+        return llm_stage(CONFIG, run, calibration, model_name)
+
     @task(multiple_outputs=False)
-    def report(run: dict, calibration: dict, evaluations: list[dict], decisions: list[dict]) -> dict:
-        """Close the per-model parent runs and print what happened."""
+    def report(run: dict, calibration: dict, evaluations: list[dict], decisions: list[dict],
+               llm_decisions: list[dict]) -> dict:
+        """Close the per-model parent runs, write the memory budget and print what happened."""
         from qat_tasks.pipeline import report_stage
 
         # Index by length: iterating the lazy sequence probes one past the end and logs a spurious error.
         return report_stage(CONFIG, run, calibration, [evaluations[i] for i in range(len(evaluations))],
-                            [decisions[i] for i in range(len(decisions))])
+                            [decisions[i] for i in range(len(decisions))],
+                            [llm_decisions[i] for i in range(len(llm_decisions))])
 
     run = plan()
     calibration = refresh_calibration(run)
@@ -110,7 +129,8 @@ def quarterly_recalibration():
     evaluations = evaluate_champion.partial(run=run, calibration=calibration).expand(champion=champions)
     decisions = int8_challenger.partial(run=run, calibration=calibration).expand(champion=champions)
     evaluations >> decisions  # the champion's own figures first: a failed evaluation stops the track
-    report(run, calibration, evaluations, decisions)
+    llm_decisions = llm_4bit_challenger.partial(run=run, calibration=calibration).expand(model_name=llm_models(run))
+    report(run, calibration, evaluations, decisions, llm_decisions)
 
 
-quarterly_recalibration()
+DAG = quarterly_recalibration()

@@ -198,6 +198,85 @@ class RoleDataConfig(Strict):
         return self
 
 
+LlmMethod = Literal["rtn", "awq", "gptq"]
+
+
+class LlmCandidate(Strict):
+    """One 4-bit candidate: a method, the text it calibrates on, and blocks kept at 16-bit (mixed precision)."""
+
+    method: LlmMethod
+    # domain: the refreshed MangaAssist conversations; generic: gensim's Wikipedia/news text (the comparison);
+    # none: round-to-nearest needs no data.
+    calibration: Literal["domain", "generic", "none"] = "domain"
+    # Decoder blocks kept unquantized, by index (negative counts from the end: -1 is the last block).
+    keep_blocks: tuple[int, ...] = ()
+
+    @model_validator(mode="after")
+    def _calibration_fits(self) -> LlmCandidate:
+        if self.method == "rtn" and self.calibration != "none":
+            raise ValueError(f"calibration {self.calibration!r}: rtn (round-to-nearest) takes no calibration data; "
+                             f"write calibration: none")
+        if self.method != "rtn" and self.calibration == "none":
+            raise ValueError(f"calibration 'none': {self.method} needs calibration text (domain or generic)")
+        return self
+
+    @property
+    def key(self) -> str:
+        """A stable short name: awq-domain, gptq-generic, awq-domain-keep0_-1, rtn."""
+        name = self.method if self.method == "rtn" else f"{self.method}-{self.calibration}"
+        return name + (f"-keep{'_'.join(str(b) for b in self.keep_blocks)}" if self.keep_blocks else "")
+
+
+class LlmTrackConfig(Strict):
+    """The 4-bit track of the fallback LLM (qat_tasks.llm_track): W4A16 candidates, judged against the
+    unquantized model on perplexity and intent routing."""
+
+    candidates: tuple[LlmCandidate, ...] = (LlmCandidate(method="rtn", calibration="none"),
+                                            LlmCandidate(method="awq"), LlmCandidate(method="gptq"))
+    bits: Literal[4, 8] = 4
+    # Group size 128 as in the AWQ/GPTQ papers; a layer whose input width it does not divide falls back to 64,
+    # then 32 (vLLM's kernels take those), and the fallback is reported per layer.
+    group_size: Literal[32, 64, 128] = 128
+    awq_symmetric: bool = False  # AWQ with zero point
+    gptq_symmetric: bool = True
+    gptq_actorder: Literal["static", "weight"] | None = "static"  # "group" (g_idx) is gone from compressed-tensors 0.19
+    gptq_dampening: float = Field(default=0.01, gt=0, lt=1)
+    rtn_symmetric: bool = False
+    awq_n_grid: int = Field(default=20, ge=4, le=100)  # duo scaling halves it: at least 2 points each
+    # Calibration: this many samples of at most max_seq_len tokens (conversations come from the calibration
+    # version, count set by calibration.llm_conversations).
+    calibration_samples: int = Field(default=128, ge=1)
+    max_seq_len: int = Field(default=512, ge=16)
+    keep_lm_head: bool = True
+    chunk_layers: int = Field(default=8, ge=1)  # decoder blocks per resumable checkpoint
+    # Evaluation, identical windows and tokenization for every candidate.
+    eval_window: int = Field(default=512, ge=16)
+    eval_generic_tokens: int = Field(default=20480, ge=16)
+    eval_domain_tokens: int = Field(default=20480, ge=16)
+    routing_rows: int = Field(default=400, ge=10)
+    generation_prompts: tuple[str, ...] = (
+        "Is volume 3 of Chainsaw Man back in stock?",
+        "My order hasn't arrived after two weeks and nobody answers my emails.",
+        "Can you recommend a manga like Frieren for someone new to the genre?",
+    )
+    max_new_tokens: int = Field(default=48, ge=1)
+    # Per-block sensitivity: each block alone quantized (RTN at the track's group size), perplexity on this
+    # many generic tokens.
+    sensitivity: bool = True
+    sensitivity_tokens: int = Field(default=4096, ge=16)
+
+    @field_validator("candidates")
+    @classmethod
+    def _distinct(cls, v: tuple[LlmCandidate, ...]) -> tuple[LlmCandidate, ...]:
+        keys = [c.key for c in v]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"duplicate candidates {dupes}")
+        if not v:
+            raise ValueError("at least one candidate is required")
+        return v
+
+
 class ModelConfig(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")
     role: Role
@@ -209,6 +288,17 @@ class ModelConfig(Strict):
     training: TrainingConfig = TrainingConfig()
     quantization: QuantizationConfig = QuantizationConfig()
     data: RoleDataConfig = RoleDataConfig()
+    llm: LlmTrackConfig | None = None  # the LLM's 4-bit track; None on an LLM: the defaults
+
+    @model_validator(mode="after")
+    def _llm_settings_fit_role(self) -> ModelConfig:
+        if self.llm is not None and self.role != "llm":
+            raise ValueError(f"llm: model {self.name} is a {self.role}; the 4-bit track settings apply to role 'llm'")
+        return self
+
+    @property
+    def llm_track(self) -> LlmTrackConfig:
+        return self.llm or LlmTrackConfig()
 
     @model_validator(mode="after")
     def _data_keys_fit_role(self) -> ModelConfig:
@@ -270,6 +360,40 @@ class GatesConfig(Strict):
     llm: LlmGates = LlmGates()
 
 
+class SchedulingConfig(Strict):
+    """Where the LLM's tasks run: production sends them to Celery queue `gpu` and a one-slot pool, so one
+    quantization holds the GPU at a time (create it: airflow pools set llm_gpu 1 "4-bit LLM quantization")."""
+
+    llm_queue: str = "default"
+    llm_pool: str = "default_pool"
+
+
+class GpuInstance(Strict):
+    name: str
+    gpu: str
+    gpus: int = Field(default=1, ge=1)
+    gpu_memory_gib: float = Field(gt=0)  # per GPU
+    usd_per_hour: float = Field(gt=0)
+
+
+class MemoryBudgetConfig(Strict):
+    """Do all five models fit one GPU? Sizes come from the real artifacts (demo) or parameter counts (production)."""
+
+    gpu_memory_gib: float = Field(default=24.0, gt=0)
+    runtime_overhead_gib: float = Field(default=1.5, ge=0)  # CUDA context, activations, allocator slack
+    kv_concurrent_sequences: int = Field(default=16, ge=1)
+    kv_context_tokens: int = Field(default=4096, ge=1)
+    # The production LLM whose sizes are computed from its parameter count and chosen format.
+    production_llm: Literal["llama-3-8b"] = "llama-3-8b"
+    # us-east-1 on-demand list prices, to be checked before quoting: data, never measured here.
+    instances: tuple[GpuInstance, ...] = (
+        GpuInstance(name="g6.xlarge", gpu="L4", gpu_memory_gib=24, usd_per_hour=0.805),
+        GpuInstance(name="g5.xlarge", gpu="A10G", gpu_memory_gib=24, usd_per_hour=1.006),
+        GpuInstance(name="g6e.xlarge", gpu="L40S", gpu_memory_gib=48, usd_per_hour=1.861),
+        GpuInstance(name="g5.12xlarge", gpu="A10G", gpus=4, gpu_memory_gib=24, usd_per_hour=5.672),
+    )
+
+
 class PipelineConfig(Strict):
     profile: str
     state_dir: str = ".state"
@@ -279,6 +403,8 @@ class PipelineConfig(Strict):
     models: tuple[ModelConfig, ...]
     evaluation: EvaluationConfig = EvaluationConfig()
     gates: GatesConfig = GatesConfig()
+    scheduling: SchedulingConfig = SchedulingConfig()
+    memory_budget: MemoryBudgetConfig = MemoryBudgetConfig()
 
     @field_validator("models")
     @classmethod

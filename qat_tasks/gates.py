@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from qat_tasks.config import EncoderGates, EscalationGates, RerankerGates
+from qat_tasks.config import EncoderGates, EscalationGates, LlmGates, RerankerGates
 
 FAILURE_MODES = {
     "accuracy": ("accuracy loss",
@@ -28,6 +28,15 @@ FAILURE_MODES = {
                    "QAT on the reranking pairs, or keep the most sensitive layers in FP32 (mixed precision)"),
     "mrr_at_10": ("ranking loss (top hit)",
                   "QAT on the reranking pairs, or keep the most sensitive layers in FP32 (mixed precision)"),
+    "perplexity_generic": ("language-modelling loss",
+                           "AWQ or GPTQ instead of round-to-nearest; keep the most sensitive blocks in 16-bit "
+                           "(mixed precision, see the sensitivity report); a smaller group size"),
+    "perplexity_domain": ("domain loss (MangaAssist conversations)",
+                          "calibrate on more, or more recent, MangaAssist conversations; keep the most sensitive "
+                          "blocks in 16-bit"),
+    "routing_accuracy": ("intent-routing loss",
+                         "calibrate on conversations covering every intent; keep the first and last blocks and "
+                         "lm_head in 16-bit"),
     "parity": ("operator mismatch",
                "exclude the mismatching nodes from quantization, or update the opset / ONNX Runtime"),
 }
@@ -104,6 +113,18 @@ def reranker_gates(candidate: dict, champion: dict, gates: RerankerGates, parity
         drop = champion[key] - candidate[key]
         out.append(_result(key, drop <= limit + 1e-9, candidate[key], champion[key], f"drop <= {limit} (was {drop:+.4f})"))
     return [*out, _latency(candidate, champion, gates.max_p95_ratio)]
+
+
+def llm_gates(candidate: dict, base: dict, gates: LlmGates) -> list[GateResult]:
+    """A 4-bit LLM against its unquantized self: perplexity on each held-out text may rise by at most
+    `max_perplexity_increase_rel` (relative), intent-routing accuracy may drop at most the given points."""
+    out = []
+    for key in ("perplexity_generic", "perplexity_domain"):
+        if key in candidate and key in base:
+            rel = candidate[key] / base[key] - 1
+            out.append(_result(key, rel <= gates.max_perplexity_increase_rel + 1e-12, candidate[key], base[key],
+                               f"increase <= {100 * gates.max_perplexity_increase_rel:.1f} % (was {100 * rel:+.2f} %)"))
+    return [*out, _drop_pts("routing_accuracy", candidate, base, gates.max_routing_accuracy_drop_pts)]
 
 
 def summarize(results: list[GateResult]) -> str:

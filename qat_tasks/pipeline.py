@@ -16,8 +16,9 @@ from qat_tasks.tracking import RunContext
 log = logging.getLogger(__name__)
 
 MAX_WINDOW_DAYS = 400
-# Roles whose quarterly track is built in this release; other configured models are reported as skipped.
+# Encoder roles take the INT8 track (champion, candidates in ONNX Runtime); the LLM takes the 4-bit track.
 TRACKS = frozenset({"intent_classifier", "escalation_detector", "reranker"})
+LLM_TRACKS = frozenset({"llm"})
 
 
 class ParamError(ValueError):
@@ -75,10 +76,16 @@ def plan_run(cfg: PipelineConfig, params: dict, *, dag_id: str, run_id: str, run
 
 
 def tracked_models(cfg: PipelineConfig, run: dict) -> list[str]:
-    skipped = [m for m in run["models"] if cfg.model(m).role not in TRACKS]
+    """The selected encoders (INT8 track)."""
+    skipped = [m for m in run["models"] if cfg.model(m).role not in TRACKS | LLM_TRACKS]
     if skipped:
-        log.warning("no quarterly track for %s in this release yet: skipped", skipped)
+        log.warning("no quarterly track for %s: skipped", skipped)
     return [m for m in run["models"] if cfg.model(m).role in TRACKS]
+
+
+def llm_models(cfg: PipelineConfig, run: dict) -> list[str]:
+    """The selected LLMs (4-bit track)."""
+    return [m for m in run["models"] if cfg.model(m).role in LLM_TRACKS]
 
 
 def _ctx(run: dict) -> RunContext:
@@ -113,6 +120,13 @@ def challenger_stage(cfg: PipelineConfig, run: dict, calibration: dict, champion
         return build_challenger(cfg, champion["model"], calibration["uri"], champion, _ctx(run))
 
 
+def llm_stage(cfg: PipelineConfig, run: dict, calibration: dict, model_name: str) -> dict:
+    from qat_tasks.llm_track import build_llm_challenger
+
+    with _marks_parent_failed(cfg, run, model_name, calibration):
+        return build_llm_challenger(cfg, model_name, calibration["uri"], _ctx(run))
+
+
 @contextmanager
 def _marks_parent_failed(cfg: PipelineConfig, run: dict, model_name: str, calibration: dict):
     """A stage that raises marks this DAG run's parent run of the model FAILED, then re-raises."""
@@ -135,14 +149,15 @@ def _fail_parent(cfg: PipelineConfig, run: dict, model_name: str, calibration: d
 
 
 def report_stage(cfg: PipelineConfig, run: dict, calibration: dict, evaluations: list[dict],
-                 decisions: list[dict] | None = None) -> dict:
+                 decisions: list[dict] | None = None, llm_decisions: list[dict] | None = None) -> dict:
     from qat_tasks import tracking
 
     tracking.configure(cfg)
     ctx = _ctx(run)
-    for ev in evaluations:
-        tracking.finish_parent(tracking.model_parent_run(cfg, ev["model"], ctx, calibration["version"]))
-    evaluated = {ev["model"] for ev in evaluations}
+    llm_decisions = llm_decisions or []
+    for name in [ev["model"] for ev in evaluations] + [d["model"] for d in llm_decisions]:
+        tracking.finish_parent(tracking.model_parent_run(cfg, name, ctx, calibration["version"]))
+    evaluated = {ev["model"] for ev in evaluations} | {d["model"] for d in llm_decisions}
     skipped = [m for m in run["models"] if m not in evaluated]
     lines = [f"quarterly recalibration {ctx.run_id} ({ctx.trigger}: {ctx.reason})",
              f"  calibration version {calibration['version']} -> {calibration['uri']}",
@@ -156,14 +171,25 @@ def report_stage(cfg: PipelineConfig, run: dict, calibration: dict, evaluations:
                      + (f" ({d['method']}: {d.get('headline')}, P95 {d['metrics']['p95_ms']:.1f} ms, "
                         f"{d['metrics']['size_mb']:.1f} MB)" if d.get("registered_version") else
                         f" (failed gates: {d.get('why')})"))
+    for d in llm_decisions:
+        lines.append(f"  {d['model']} 4-bit: {d['decision']}"
+                     + (f" ({d['method']}: {d.get('headline')})" if d.get("registered_version") else
+                        f" (failed gates: {d.get('why')})"))
+    budget = None
+    if llm_decisions or decisions:
+        from qat_tasks.llm_track import log_memory_budget
+
+        budget = log_memory_budget(cfg, ctx, calibration, evaluations, decisions or [], llm_decisions)
+        lines.append(f"  memory budget ({cfg.memory_budget.gpu_memory_gib:g} GiB GPU): {budget['summary']}")
     if skipped:
-        lines.append(f"  not run in this release (track not built yet): {skipped}")
+        lines.append(f"  not run (no track for their role): {skipped}")
     lines.append(f"  MLflow: {cfg.tracking_uri}")
     for line in lines:  # one record per line: log viewers and the demo console keep them whole
         log.info(line)
     return {"calibration_version": calibration["version"], "evaluated": sorted(evaluated), "skipped": skipped,
-            "challengers": {d["model"]: d.get("registered_version") for d in decisions or []}}
+            "challengers": {d["model"]: d.get("registered_version") for d in [*(decisions or []), *llm_decisions]},
+            "memory_budget": budget}
 
 
 __all__ = ["ConfigError", "ParamError", "plan_run", "previous_quarter", "refresh_stage", "champion_stage",
-           "evaluate_stage", "challenger_stage", "report_stage"]
+           "evaluate_stage", "challenger_stage", "llm_stage", "report_stage"]

@@ -49,6 +49,24 @@ def log_encoder(hf_dir: Path, onnx_path: Path, meta: dict) -> str:
     return info.model_uri
 
 
+def log_llm(checkpoint_dir: Path, meta: dict) -> str:
+    """Log a 4-bit LLM checkpoint (compressed-tensors folder, what vLLM serves) as a pyfunc into the active run."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    meta_path = checkpoint_dir.parent / "llm-meta.json"
+    meta_path.write_text(json.dumps(meta, indent=2))
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "prompt")]),
+                               outputs=Schema([ColSpec("string", "completion")]),
+                               params=ParamSchema([ParamSpec("max_new_tokens", "long", 48)]))
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=str(Path(__file__).with_name("pyfunc_llm.py")),
+        artifacts={"checkpoint": str(checkpoint_dir), "meta": str(meta_path)}, signature=signature,
+        pip_requirements=["transformers", "compressed-tensors", "torch", "pandas", "qat-tasks"],
+    )
+    return info.model_uri
+
+
 def find_version(client, name: str, stage_key: str):
     """The version an earlier attempt at the same stage (same `qat.run_key`) registered, or None."""
     from mlflow.exceptions import MlflowException

@@ -51,6 +51,14 @@ def tiny_config_dict(traffic: str) -> dict:
                                  "calibration_batch_size": 16}
     data["models"][1]["data"]["max_rows"] = {"calibration": 120, "qat_train": 300, "evaluation": 200}
     data["models"][2]["data"]["max_rows"] = {"calibration": 20, "qat_train": 60, "evaluation": 20}
+    llm = data["models"][3]
+    assert llm["role"] == "llm"
+    llm["source"] = "tiny-random://llama"
+    llm["llm"] = {"candidates": [{"method": "rtn", "calibration": "none"}, {"method": "gptq", "calibration": "domain"},
+                                 {"method": "awq", "calibration": "domain", "keep_blocks": [0, -1]}],
+                  "group_size": 128, "awq_n_grid": 4, "calibration_samples": 8, "max_seq_len": 48, "chunk_layers": 2,
+                  "eval_window": 32, "eval_generic_tokens": 256, "eval_domain_tokens": 256, "routing_rows": 20,
+                  "sensitivity_tokens": 64, "max_new_tokens": 6}
     data["evaluation"] = {"threads": 1, "latency_samples": 20, "warmup": 2, "throughput_batch": 8, "ece_bins": 10}
     return data
 

@@ -82,3 +82,34 @@ def test_tracking_uri_defaults_to_embedded_store(monkeypatch):
     assert cfg.tracking_uri == f"sqlite:///{ROOT / '.state' / 'mlflow' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert cfg.tracking_uri == "http://mlflow:5000"
+
+
+def test_llm_track_settings_are_checked_with_the_key_named():
+    data = demo()
+    llm = next(m for m in data["models"] if m["role"] == "llm")
+    llm["llm"]["candidates"].append({"method": "rtn", "calibration": "domain"})
+    msg = str(pytest.raises(ConfigError, parse_config, data, "demo.yaml").value)
+    assert "models.3.llm.candidates" in msg and "takes no calibration data" in msg
+
+    data = demo()
+    next(m for m in data["models"] if m["role"] == "llm")["llm"]["group_sise"] = 64
+    assert "group_sise: unknown key (did you mean 'group_size'?)" in str(
+        pytest.raises(ConfigError, parse_config, data, "demo.yaml").value)
+
+    data = demo()
+    data["models"][0]["llm"] = {"group_size": 64}
+    assert "apply to role 'llm'" in str(pytest.raises(ConfigError, parse_config, data, "demo.yaml").value)
+
+    data = demo()
+    llm = next(m for m in data["models"] if m["role"] == "llm")
+    llm["llm"]["candidates"] = [{"method": "awq"}, {"method": "awq", "calibration": "domain"}]
+    assert "duplicate candidates ['awq-domain']" in str(pytest.raises(ConfigError, parse_config, data, "demo.yaml").value)
+
+
+def test_production_sends_llm_work_to_the_gpu_queue_and_a_one_slot_pool():
+    prod = load_config(ROOT / "configs" / "production.yaml")
+    assert (prod.scheduling.llm_queue, prod.scheduling.llm_pool) == ("gpu", "llm_gpu")
+    demo_cfg = load_config(ROOT / "configs" / "demo.yaml")
+    assert (demo_cfg.scheduling.llm_queue, demo_cfg.scheduling.llm_pool) == ("default", "default_pool")
+    keys = [c.key for c in demo_cfg.model("fallback-llm").llm_track.candidates]
+    assert {"rtn", "awq-domain", "gptq-domain", "gptq-generic", "awq-domain-keep0_-1"} == set(keys)

@@ -32,8 +32,27 @@ def test_quarterly_schedule_params_and_retries(dagbag):
     for t in dag.tasks:
         assert t.retries >= 2, t.task_id
     assert {t.task_id for t in dag.tasks} == {"plan", "refresh_calibration", "tracked_models", "ensure_champion",
-                                               "evaluate_champion", "int8_challenger", "report"}
+                                               "evaluate_champion", "int8_challenger", "llm_models",
+                                               "llm_4bit_challenger", "report"}
     assert "evaluate_champion" in dag.get_task("int8_challenger").upstream_task_ids
+    # The embedded default runs the LLM beside everything else; production sends it to the GPU queue.
+    llm = dag.get_task("llm_4bit_challenger")
+    assert (llm.queue, llm.pool) == ("default", "default_pool")
+    assert {"llm_4bit_challenger", "int8_challenger"} <= dag.get_task("report").upstream_task_ids
+
+
+def test_production_config_puts_the_llm_on_the_gpu_queue_and_pool(monkeypatch):
+    """Parse the DAG file under the production profile: its LLM task lands on queue gpu, pool llm_gpu."""
+    import importlib.util
+
+    monkeypatch.setenv("QAT_CONFIG", str(ROOT / "configs" / "production.yaml"))
+    spec = importlib.util.spec_from_file_location("qr_prod", ROOT / "dags" / "quarterly_recalibration.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dag = module.DAG
+    llm = dag.get_task("llm_4bit_challenger")
+    assert (llm.queue, llm.pool) == ("gpu", "llm_gpu")
+    assert dag.get_task("int8_challenger").queue != "gpu"
 
 
 def test_params_reject_bad_values(dagbag):

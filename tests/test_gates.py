@@ -128,3 +128,18 @@ def test_reranker_parity_is_rank_correlation_not_argmax_agreement(tiny_config):
     assert (noisy.argmax(1) == ref.argmax(1)).mean() < 0.97 <= role.parity(noisy, ref)
     scrambled = ref[rng.permutation(400)]                                 # what an operator mismatch does
     assert role.parity(scrambled, ref) < 0.5
+
+
+def test_llm_gates_are_relative_to_the_unquantized_model():
+    from qat_tasks.config import LlmGates
+    from qat_tasks.gates import llm_gates
+
+    base = {"perplexity_generic": 20.0, "perplexity_domain": 10.0, "routing_accuracy": 0.60}
+    ok = {"perplexity_generic": 20.9, "perplexity_domain": 10.4, "routing_accuracy": 0.585}
+    assert all(r.passed for r in llm_gates(ok, base, LlmGates()))
+    bad = {"perplexity_generic": 21.2, "perplexity_domain": 10.2, "routing_accuracy": 0.57}
+    results = {r.gate: r for r in llm_gates(bad, base, LlmGates())}
+    assert not results["perplexity_generic"].passed and "+6.00 %" in results["perplexity_generic"].limit
+    assert results["perplexity_domain"].passed
+    assert not results["routing_accuracy"].passed and results["routing_accuracy"].failure_mode == "intent-routing loss"
+    assert "16-bit" in summarize(list(results.values()))
