@@ -3,6 +3,7 @@
 # (SQLite Airflow metadata, SQLite MLflow store under .state/, bundled models and traffic sample).
 #   scripts/demo.sh                       # Q3 2026 window of the bundled sample
 #   REASON="..." scripts/demo.sh          # with your own reason
+#   MODELS="fallback-llm" scripts/demo.sh # only these models (comma-separated names from the config)
 . "$(dirname "$0")/_env.sh"
 export QAT_CONFIG="${QAT_CONFIG:-$ROOT/configs/demo.yaml}"
 export PYTHONUNBUFFERED=1   # watch the run live through the console filter
@@ -23,7 +24,8 @@ with create_session() as s:
 PY
 )
 echo "==> airflow dags test quarterly_recalibration $LOGICAL_DATE"
-CONF=$(python -c 'import json,sys; print(json.dumps({"reason": sys.argv[1]}))' "$REASON")
+CONF=$(python -c 'import json,sys; print(json.dumps({"reason": sys.argv[1],
+    "models": [m for m in sys.argv[2].split(",") if m]}))' "$REASON" "${MODELS:-}")
 # The console shows the pipeline's own messages (and any error); Airflow's full log goes to the file.
 airflow dags test quarterly_recalibration "$LOGICAL_DATE" --conf "$CONF" 2>&1 | tee "$ROOT/.state/demo-run.log" \
   | awk '/\[qat_tasks|\[error|ERROR|Traceback/ {p=1} /^20[0-9][0-9]-/ && !/\[qat_tasks|\[error|ERROR/ {p=0}

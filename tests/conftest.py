@@ -59,6 +59,9 @@ def tiny_config_dict(traffic: str) -> dict:
                   "group_size": 128, "awq_n_grid": 4, "calibration_samples": 8, "max_seq_len": 48, "chunk_layers": 2,
                   "eval_window": 32, "eval_generic_tokens": 256, "eval_domain_tokens": 256, "routing_rows": 20,
                   "sensitivity_tokens": 64, "max_new_tokens": 6}
+    # A random-initialised LLM routes at chance; wide gates so the registration path is exercised (the gate
+    # arithmetic itself is tested in test_gates.py).
+    data.setdefault("gates", {})["llm"] = {"max_perplexity_increase_rel": 0.5, "max_routing_accuracy_drop_pts": 50.0}
     data["evaluation"] = {"threads": 1, "latency_samples": 20, "warmup": 2, "throughput_batch": 8, "ece_bins": 10}
     return data
 

@@ -366,3 +366,65 @@ def test_reranker_track_ranks_twenty_candidates(dag_run, mlflow_client, tmp_path
     assert "champion.ndcg_at_10" in run.data.metrics and "champion.mrr_at_10" in run.data.metrics
     plots = {a.path for a in mlflow_client.list_artifacts(decision["run_id"], "plots")}
     assert "plots/accuracy_vs_p95.png" in plots
+
+
+def test_llm_track_registers_a_4bit_challenger_once_with_its_evidence(dag_run, mlflow_client, tiny_config):
+    """The 4-bit track of the tiny random Llama: unquantized reference with per-block sensitivity, three
+    candidates (RTN, GPTQ on MangaAssist conversations, AWQ with the first and last blocks kept), a decision
+    with its table, chart and generations; one registered version, found again by a retry."""
+    import json
+
+    import mlflow
+
+    from qat_tasks import pipeline
+
+    decision = _of(dag_run, "llm_4bit_challenger", "fallback-llm")
+    assert decision["registered_version"] == "1" and decision["method"] in {"rtn", "gptq-domain", "awq-domain-keep0_-1"}
+    exp = mlflow_client.get_experiment_by_name("mangaassist-fallback-llm")
+    runs = mlflow_client.search_runs([exp.experiment_id], f"tags.`airflow.run_id` = '{dag_run.run_id}'")
+    stages = sorted(r.data.tags.get("stage", "parent") for r in runs)
+    assert stages == ["llm-candidate"] * 3 + ["llm-decision", "llm-unquantized", "parent"]
+    by_stage = {r.data.tags.get("stage"): r for r in runs}
+    unq = by_stage["llm-unquantized"]
+    sens = mlflow.artifacts.load_dict(f"runs:/{unq.info.run_id}/sensitivity.json")
+    assert [r["unit"] for r in sens["rows"]] == ["block 0", "block 1", "block 2", "block 3", "lm_head"]
+    dec = by_stage["llm-decision"]
+    files = {f.path for f in mlflow_client.list_artifacts(dec.info.run_id)} | \
+        {f.path for f in mlflow_client.list_artifacts(dec.info.run_id, "plots")}
+    assert {"comparison.json", "comparison.md", "gates.json", "generations.md", "plots/perplexity_vs_size.png"} <= files
+    for r in runs:
+        if r.data.tags.get("stage") == "llm-candidate":
+            m = r.data.metrics
+            assert m["perplexity_generic"] > 0 and 0 <= m["routing_accuracy"] <= 1 and m["size_mb"] > 0
+            layout = mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/layout.json")
+            assert set(layout["group_sizes"].values()) == {128}  # width 128 and 256: no fallback needed
+            kept = layout["kept"]
+            assert "lm_head" in kept
+            if r.data.tags["candidate"] == "awq-domain-keep0_-1":
+                assert any("layers.0." in k for k in kept) and any("layers.3." in k for k in kept)
+    # A retried task returns the decision and registers nothing new.
+    (run,) = _xcom(dag_run, "plan")
+    (cal,) = _xcom(dag_run, "refresh_calibration")
+    assert pipeline.llm_stage(tiny_config, run, cal, "fallback-llm") == decision
+    versions = mlflow_client.search_model_versions("name = 'mangaassist-fallback-llm'")
+    assert len(versions) == 1
+    assert str(mlflow_client.get_model_version_by_alias("mangaassist-fallback-llm", "challenger").version) == "1"
+    assert json.loads(json.dumps(decision)) == decision  # XCom-sized, plain JSON
+
+
+def test_registered_llm_generates_through_mlflow_pyfunc(dag_run):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model("models:/mangaassist-fallback-llm@challenger")
+    out = model.predict(pd.DataFrame({"prompt": ["is volume 3 in stock?"]}), params={"max_new_tokens": 4})
+    assert list(out.columns) == ["completion"] and isinstance(out["completion"][0], str)
+
+
+def test_report_carries_the_memory_budget(dag_run, mlflow_client):
+    (report,) = _xcom(dag_run, "report")
+    budget = report["memory_budget"]
+    assert budget["summary"] and "production Llama 3 8B" in budget["summary"]
+    exp = mlflow_client.get_experiment_by_name("mangaassist-memory-budget")
+    (run,) = mlflow_client.search_runs([exp.experiment_id], f"tags.`airflow.run_id` = '{dag_run.run_id}'")
+    assert {"memory_budget.md", "memory_budget.json"} <= {f.path for f in mlflow_client.list_artifacts(run.info.run_id)}
