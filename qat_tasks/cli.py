@@ -4,7 +4,8 @@
   qat-tasks generate-traffic --out data/traffic_sample --start 2026-07-01 --end 2026-10-01 --per-day 300
   qat-tasks refresh --start 2026-07-01 --end 2026-10-01 --reason "drift in checkout_help"
   qat-tasks run --reason "manual recalibration" [--models intent-classifier] [--start .. --end ..]
-      (refresh, champion, champion evaluation, INT8 candidates, gates, @challenger)
+      (refresh, champion, champion evaluation, INT8 candidates, gates, @challenger; the LLM's 4-bit track)
+  qat-tasks run --reason "requantize the LLM" --models fallback-llm --run-id cli__a1b2   # rerun: resumes
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plain", action="store_true", help="write .jsonl instead of .jsonl.gz")
 
     for name, help_ in (("refresh", "refresh calibration data for a window"),
-                        ("run", "the whole quarterly run: refresh, champion, evaluation, INT8 challenger")):
+                        ("run", "the whole quarterly run: refresh, champion, evaluation, INT8 challenger, 4-bit LLM")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--reason", required=True)
         p.add_argument("--start", type=_date)
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                 champion = pipeline.champion_stage(cfg, run, calibration, name)
                 evaluations.append(pipeline.evaluate_stage(cfg, run, calibration, champion))
                 decisions.append(pipeline.challenger_stage(cfg, run, calibration, champion))
-            print(json.dumps(pipeline.report_stage(cfg, run, calibration, evaluations, decisions), indent=1))
+            llm_decisions = [pipeline.llm_stage(cfg, run, calibration, name) for name in pipeline.llm_models(cfg, run)]
+            print(json.dumps(pipeline.report_stage(cfg, run, calibration, evaluations, decisions, llm_decisions),
+                             indent=1))
         return 0
     except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"qat-tasks: error: {exc}", file=sys.stderr)
