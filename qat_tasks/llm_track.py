@@ -392,6 +392,23 @@ def log_memory_budget(cfg: PipelineConfig, ctx, calibration: dict, evaluations: 
             models.append({"name": d["model"], "precision": f"w4a16 {d.get('method', '')}".strip()
                            if d.get("registered_version") else "fp32", "bytes": m["size_mb"] * 1e6,
                            "source": "measured"})
+    # Models this run did not touch count with what their registry aliases serve (@challenger, else @champion).
+    from qat_tasks import registry
+
+    covered = {m["name"] for m in models}
+    for mc in cfg.models:
+        if mc.name in covered:
+            continue
+        for alias in (CHALLENGER, "champion"):
+            try:
+                size = registry.served_size_bytes(tracking.registered_name(cfg, mc.name), alias)
+            except Exception:  # the budget is a report: a registry hiccup must not fail the run
+                log.warning("memory budget: could not read the size of %s@%s", mc.name, alias, exc_info=True)
+                size = None
+            if size:
+                models.append({"name": mc.name, "precision": f"registered @{alias}", "bytes": size,
+                               "source": "measured"})
+                break
     shape = None
     for d in llm_decisions:  # the run's LLM shape gives its KV-cache row (read from config.json, no weights)
         from qat_tasks import llm_model
@@ -407,4 +424,5 @@ def log_memory_budget(cfg: PipelineConfig, ctx, calibration: dict, evaluations: 
         mlflow.log_metrics({k: float(v) for k, v in report["metrics"].items()})
     for line in report["markdown"].splitlines():
         log.info(line)
-    return {"summary": report["summary"], **report["metrics"]}
+    return {"summary": report["summary"], **report["metrics"],
+            "models": [{"name": m["name"], "precision": m["precision"], "mb": m["bytes"] / 1e6} for m in models]}

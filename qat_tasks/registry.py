@@ -67,6 +67,26 @@ def log_llm(checkpoint_dir: Path, meta: dict) -> str:
     return info.model_uri
 
 
+def served_size_bytes(name: str, alias: str) -> int | None:
+    """Bytes of what production loads from `name@alias`: the ONNX graph of an encoder, the checkpoint folder of
+    the LLM. None when the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    def walk(path: str, whole: bool) -> int:  # whole: inside the LLM's checkpoint folder, every file counts
+        total = 0
+        for a in mlflow.artifacts.list_artifacts(artifact_uri=f"models:/{name}@{alias}/{path}"):
+            if a.is_dir:
+                total += walk(a.path, whole or a.path.endswith("checkpoint"))
+            elif whole or a.path.endswith(".onnx"):
+                total += a.file_size or 0
+        return total
+
+    try:
+        return walk("artifacts", False) or None
+    except MlflowException:
+        return None
+
+
 def find_version(client, name: str, stage_key: str):
     """The version an earlier attempt at the same stage (same `qat.run_key`) registered, or None."""
     from mlflow.exceptions import MlflowException

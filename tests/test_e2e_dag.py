@@ -428,3 +428,19 @@ def test_report_carries_the_memory_budget(dag_run, mlflow_client):
     exp = mlflow_client.get_experiment_by_name("mangaassist-memory-budget")
     (run,) = mlflow_client.search_runs([exp.experiment_id], f"tags.`airflow.run_id` = '{dag_run.run_id}'")
     assert {"memory_budget.md", "memory_budget.json"} <= {f.path for f in mlflow_client.list_artifacts(run.info.run_id)}
+    assert {m["name"] for m in budget["models"]} == {"intent-classifier", "escalation-detector", "reranker",
+                                                     "fallback-llm"}
+
+
+def test_memory_budget_of_a_partial_run_reads_the_other_models_from_the_registry(dag_run, tiny_config):
+    """A run that touched no model (say, a drift run for one encoder) still budgets the whole stack: the
+    others count with what their aliases serve."""
+    from qat_tasks.llm_track import log_memory_budget
+    from qat_tasks.tracking import RunContext
+
+    (cal,) = _xcom(dag_run, "refresh_calibration")
+    out = log_memory_budget(tiny_config, RunContext("t", "budget-only", "budget", "test"), cal, [], [], [])
+    rows = {m["name"]: m for m in out["models"]}
+    assert set(rows) == {"intent-classifier", "escalation-detector", "reranker", "fallback-llm"}
+    assert rows["fallback-llm"]["precision"] == "registered @challenger" and rows["fallback-llm"]["mb"] > 1
+    assert all(m["mb"] > 0 for m in rows.values())
