@@ -112,7 +112,8 @@ def quarterly_recalibration():
 
         return llm_stage(CONFIG, run, calibration, model_name)
 
-    @task(multiple_outputs=False)
+    # none_failed: a run for a subset of models skips the other track's (empty) mapped tasks, and still reports.
+    @task(multiple_outputs=False, trigger_rule="none_failed")
     def report(run: dict, calibration: dict, evaluations: list[dict], decisions: list[dict],
                llm_decisions: list[dict]) -> dict:
         """Close the per-model parent runs, write the memory budget and print what happened."""

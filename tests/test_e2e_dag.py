@@ -446,3 +446,19 @@ def test_memory_budget_of_a_partial_run_reads_the_other_models_from_the_registry
     assert set(rows) == {"intent-classifier", "escalation-detector", "reranker", "fallback-llm"}
     assert rows["fallback-llm"]["precision"] == "registered @challenger" and rows["fallback-llm"]["mb"] > 1
     assert all(m["mb"] > 0 for m in rows.values())
+
+
+def test_a_run_for_the_llm_alone_skips_the_encoders_and_still_reports(dag_run, mlflow_client):
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["quarterly_recalibration"]
+    dr = dag.test(run_conf={**CONF, "reason": "requantize the LLM", "models": ["fallback-llm"]},
+                  logical_date=datetime(2026, 7, 18, tzinfo=UTC))
+    assert dr.state == "success"
+    states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+    assert states["report"] == "success" and states["int8_challenger"] == "skipped"
+    (report,) = _xcom(dr, "report")
+    assert report["evaluated"] == ["fallback-llm"]
+    # The budget still covers the encoders, through what their aliases serve.
+    assert {m["name"] for m in report["memory_budget"]["models"]} == {"intent-classifier", "escalation-detector",
+                                                                      "reranker", "fallback-llm"}
