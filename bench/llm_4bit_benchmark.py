@@ -77,7 +77,7 @@ def main() -> None:
     res = evaluate(model, tokenizer, data, tc)
     del model
     rows.append({"variant": "unquantized (fp32)", **res["metrics"], "size_mb": llm_eval.dir_size_bytes(base_dir) / 1e6,
-                 "quant_wall_s": 0.0, "peak_rss_mb": float("nan")})
+                 "quant_wall_s": 0.0, "peak_rss_mb": float("nan"), "rss_growth_mb": float("nan")})
     print(f"  unquantized measured in {time.perf_counter() - t0:.0f} s", flush=True)
     for variant in args.variants:
         t0 = time.perf_counter()
@@ -95,7 +95,7 @@ def main() -> None:
         res = evaluate(model, qtok, data, tc)
         del model
         rows.append({"variant": f"{variant} (g{vtc.group_size})", **res["metrics"], "size_mb": q.size_bytes / 1e6,
-                     "quant_wall_s": q.wall_s, "peak_rss_mb": max(rss.peak_mb, q.peak_rss_mb)})
+                     "quant_wall_s": q.wall_s, "peak_rss_mb": rss.peak_mb, "rss_growth_mb": rss.delta_mb})
         print(f"  {variant}: {time.perf_counter() - t0:.0f} s", flush=True)
     print_table(rows)
 
@@ -103,7 +103,7 @@ def main() -> None:
 def print_table(rows: list[dict]) -> None:
     base = rows[0]
     head = (f"| {'variant':<24} | {'ppl wiki':>8} | {'Δ %':>6} | {'ppl manga':>9} | {'Δ %':>6} | {'routing':>7} | "
-            f"{'Δ pts':>6} | {'MB':>6} | {'smaller':>7} | {'quant s':>7} | {'peak RSS MB':>11} |")
+            f"{'Δ pts':>6} | {'MB':>6} | {'smaller':>7} | {'quant s':>7} | {'peak RSS MB':>11} | {'+RSS MB':>7} |")
     print("\n" + head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
@@ -112,7 +112,7 @@ def print_table(rows: list[dict]) -> None:
               f"{r['perplexity_domain']:9.3f} | {100 * (r['perplexity_domain'] / base['perplexity_domain'] - 1):+6.2f} | "
               f"{100 * r['routing_accuracy']:7.2f} | {100 * (r['routing_accuracy'] - base['routing_accuracy']):+6.2f} | "
               f"{r['size_mb']:6.1f} | {base['size_mb'] / r['size_mb']:6.2f}x | {r['quant_wall_s']:7.1f} | "
-              f"{r['peak_rss_mb']:11.0f} |")
+              f"{r['peak_rss_mb']:11.0f} | {r['rss_growth_mb']:7.0f} |")
     by = {r["variant"].split(" ")[0]: r for r in rows}
     if {"rtn", "awq-domain", "gptq-domain"} <= set(by):
         a, g, n = (by[k]["perplexity_generic"] for k in ("awq-domain", "gptq-domain", "rtn"))

@@ -269,7 +269,9 @@ def build_llm_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: 
             res = evaluate(model, qtok, data, tc)
             del model
             res["metrics"].update({"size_mb": qres.size_bytes / 1e6, "quant_wall_s": qres.wall_s,
-                                   "peak_rss_mb": max(rss.peak_mb, qres.peak_rss_mb),
+                                   # sampled while this candidate quantized; ru_maxrss would be the whole
+                                   # process's lifetime peak, monotonic across candidates
+                                   "peak_rss_mb": rss.peak_mb, "rss_growth_mb": rss.delta_mb,
                                    "chunks_resumed": qres.chunks_resumed})
             _log_eval(res)
             mlflow.log_dict({"group_sizes": qres.group_sizes, "kept": qres.kept}, "layout.json")
