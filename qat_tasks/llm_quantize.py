@@ -371,10 +371,13 @@ def _oneshot(model, tokenizer, samples: list[dict], recipe: list) -> None:
     passed instead of a `datasets.Dataset` so calibration is deterministic: oneshot would shuffle a Dataset,
     and a resumed run must reproduce the chunks an uninterrupted run computes."""
     from llmcompressor import oneshot
+    from llmcompressor.core.session_functions import create_session
     from torch.utils.data import DataLoader
 
     loader = DataLoader(samples, batch_size=None) if samples else None
-    oneshot(model=model, processor=tokenizer, dataset=loader, recipe=recipe)
+    # A session of its own: llm-compressor's global session would keep this chunk's model alive afterwards.
+    with create_session():
+        oneshot(model=model, processor=tokenizer, dataset=loader, recipe=recipe)
 
 
 # ---------------------------------------------------------------- final checkpoint
