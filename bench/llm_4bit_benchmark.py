@@ -17,6 +17,7 @@ blocks SmolLM2's weights were stored in and so shows how much that grid flatters
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -64,7 +65,7 @@ def main() -> None:
     base_dir = llm_model.resolve_llm(cfg, mcfg.source)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     data = load_data(cfg, tc, cal.uri, tokenizer)
-    num_layers = AutoModelForCausalLM.from_pretrained(base_dir).config.num_hidden_layers
+    num_layers = json.loads((base_dir / "config.json").read_text())["num_hidden_layers"]  # no weights loaded
     print(f"{args.model}: {mcfg.source}\ncalibration {cal.version}; {torch.get_num_threads()} thread(s); "
           f"W{tc.bits}A16 group size {tc.group_size}; eval {data.generic_windows.tokens} generic + "
           f"{data.domain_windows.tokens} MangaAssist tokens (window {tc.eval_window}), {len(data.routing_rows)} "

@@ -302,11 +302,13 @@ def _plan(source: Path, spec: QuantSpec) -> _Plan:
 
 
 def _group_size(name: str, in_features: int, requested: int) -> int:
-    for g in (requested, *(g for g in FALLBACK_GROUP_SIZES if g < requested)):
-        if in_features % g == 0:
-            return g
-    raise ValueError(f"QuantSpec.group_size={requested}: {name} has in_features={in_features}, which no group "
-                     f"size vLLM supports divides; add it to QuantSpec.keep")
+    from qat_tasks.memory_budget import effective_group_size
+
+    try:
+        return effective_group_size(in_features, requested)
+    except ValueError:
+        raise ValueError(f"QuantSpec.group_size={requested}: {name} has in_features={in_features}, which no group "
+                         f"size vLLM supports divides; add it to QuantSpec.keep") from None
 
 
 def _config_groups(spec: QuantSpec, group_sizes: dict[str, int], compact: bool) -> dict:

@@ -13,18 +13,9 @@ import logging
 
 import torch
 
+from qat_tasks.memory_budget import effective_group_size
+
 log = logging.getLogger(__name__)
-
-VLLM_GROUP_SIZES = (128, 64, 32)
-
-
-def effective_group_size(in_features: int, group_size: int) -> int:
-    """The requested group size where it divides the layer's input width, else the largest smaller one vLLM's
-    kernels take (SmolLM2's 576-wide projections: 64)."""
-    for g in (group_size, *[g for g in VLLM_GROUP_SIZES if g < group_size]):
-        if in_features % g == 0:
-            return g
-    raise ValueError(f"no supported group size divides in_features={in_features} (tried {group_size} and smaller)")
 
 
 @torch.no_grad()

@@ -164,9 +164,13 @@ def weight_format(fmt: str | WeightFormat) -> WeightFormat:
     return WeightFormat(fmt, int(m["bits"]), int(m["group"]), symmetric=not m["asym"])
 
 
+VLLM_GROUP_SIZES = (128, 64, 32)  # what vLLM's int4 kernels (Marlin/Machete) take
+
+
 def effective_group_size(in_features: int, group_size: int) -> int:
-    """The group size where it divides the input width, else the largest smaller one vLLM's kernels take."""
-    for g in (group_size, *[g for g in (128, 64, 32) if g < group_size]):
+    """The group size where it divides the input width, else the largest smaller one vLLM's kernels take
+    (SmolLM2's 576-wide projections: 64). The quantizer, the sensitivity probe and this budget share it."""
+    for g in (group_size, *[g for g in VLLM_GROUP_SIZES if g < group_size]):
         if in_features % g == 0:
             return g
     raise ValueError(f"no supported group size divides in_features={in_features}")
