@@ -394,6 +394,65 @@ class MemoryBudgetConfig(Strict):
     )
 
 
+class ServingConfig(Strict):
+    """The HTTP service (qat_tasks.serving): answers every request with @champion and mirrors it to @shadow in
+    the background; the shadow never delays, changes or fails the champion's answer."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    threads: int = Field(default=1, ge=1)  # ONNX Runtime intra-op threads per model session
+    shadow_timeout_ms: float = Field(default=250.0, gt=0)  # a shadow answer later than this counts as a timeout
+    shadow_queue_size: int = Field(default=1000, ge=1)  # mirrors waiting past this are dropped (and counted)
+    shadow_workers: int = Field(default=1, ge=1)
+    shadow_nice: int = Field(default=10, ge=0, le=19)  # the shadow's threads yield the CPU to the champion's
+    reload_interval_s: float = Field(default=30.0, ge=0)  # alias polling: a promotion is served without restart
+    # Where the service writes its records (traffic schema): None is traffic.source, so its logs are the next
+    # quarter's calibration source. Each flush is one new immutable file in the day's dt= partition.
+    log_dir: str | None = None
+    log_flush_records: int = Field(default=500, ge=1)
+    log_flush_seconds: float = Field(default=10.0, gt=0)
+
+
+class ShadowConfig(Strict):
+    """Shadow deployment and review (qat_tasks.shadow): a @challenger that passed the offline gates gets
+    @shadow; a review on mirrored traffic decides whether it becomes @champion."""
+
+    # replay: the quarterly run replays logged traffic through champion and shadow and reviews at once;
+    # live: the shadow waits for `live_window_hours` of mirrored traffic, reviewed by the shadow_review DAG.
+    review: Literal["replay", "live"] = "replay"
+    live_window_hours: float = Field(default=24.0, gt=0)
+    replay_max_requests: int = Field(default=2000, ge=1)
+    # Evidence the review needs before it decides anything: too little keeps the shadow running.
+    min_mirrored_requests: int = Field(default=200, ge=1)
+    min_reviewed_labels: int = Field(default=100, ge=0)
+    # Gates on mirrored traffic (the quality gates on reviewed labels are gates.intent_classifier's).
+    min_agreement: Fraction = 0.95
+    max_shadow_error_rate: Fraction = 0.01  # errors + timeouts + dropped mirrors per mirrored request
+    max_p95_ratio: float = Field(default=1.0, gt=0)  # shadow P95 / champion P95 on the same requests
+    # auto: a passing review promotes at once; manual: it waits for `qat-tasks promote`.
+    promotion: Literal["auto", "manual"] = "auto"
+
+
+DriftFeature = Literal["activations", "inputs", "predictions"]
+
+
+class DriftConfig(Strict):
+    """The daily drift monitor (qat_tasks.drift): activation and input statistics of recent traffic against
+    those stored at calibration time; past the threshold it triggers the recalibration DAG with a reason."""
+
+    # None: every intent classifier and escalation detector in the config (the models that read the user's text).
+    models: tuple[str, ...] | None = None
+    window_days: int = Field(default=1, ge=1, le=92)
+    max_rows: int = Field(default=2000, ge=10)  # recent requests sampled (seeded) from the window
+    min_rows: int = Field(default=200, ge=10)  # fewer: no verdict, the monitor says so
+    reference_rows: int = Field(default=1000, ge=10)  # calibration rows the stored statistics come from
+    bins: int = Field(default=10, ge=2, le=100)  # PSI bins: quantiles of the reference
+    psi_threshold: float = Field(default=0.25, gt=0)  # 0.1 moderate, 0.25 significant shift (the usual reading)
+    ks_threshold: float = Field(default=0.2, gt=0, le=1)
+    features: tuple[DriftFeature, ...] = ("activations", "inputs", "predictions")
+    trigger: bool = True  # False: report only
+
+
 class PipelineConfig(Strict):
     profile: str
     state_dir: str = ".state"
@@ -405,6 +464,9 @@ class PipelineConfig(Strict):
     gates: GatesConfig = GatesConfig()
     scheduling: SchedulingConfig = SchedulingConfig()
     memory_budget: MemoryBudgetConfig = MemoryBudgetConfig()
+    serving: ServingConfig = ServingConfig()
+    shadow: ShadowConfig = ShadowConfig()
+    drift: DriftConfig = DriftConfig()
 
     @field_validator("models")
     @classmethod
@@ -416,6 +478,29 @@ class PipelineConfig(Strict):
         if not v:
             raise ValueError("at least one model is required")
         return v
+
+    @model_validator(mode="after")
+    def _drift_models_known(self) -> PipelineConfig:
+        known = {m.name: m.role for m in self.models}
+        for name in self.drift.models or ():
+            if name not in known:
+                hint = difflib.get_close_matches(name, known, n=1)
+                raise ValueError(f"drift.models: unknown model {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else
+                                                                           f"; known: {sorted(known)}"))
+            if known[name] not in ("intent_classifier", "escalation_detector"):
+                raise ValueError(f"drift.models: {name} is a {known[name]}; the monitor reads the user's text, which "
+                                 f"intent classifiers and escalation detectors take")
+        return self
+
+    @property
+    def drift_models(self) -> list[str]:
+        if self.drift.models is not None:
+            return list(self.drift.models)
+        return [m.name for m in self.models if m.role in ("intent_classifier", "escalation_detector")]
+
+    @property
+    def serving_log_dir(self) -> str:
+        return self.resolve(self.serving.log_dir) if self.serving.log_dir else self.traffic_source
 
     # -- resolved locations -------------------------------------------------------------------------
     def resolve(self, path_or_uri: str) -> str:

@@ -135,3 +135,76 @@ def s3_endpoint():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def intent_models(traffic_dir, tmp_path_factory) -> dict:
+    """A tiny intent classifier fine-tuned for a few steps on the generated traffic: its Hugging Face folder,
+    the FP32 ONNX graph and a dynamic-INT8 graph of it (built once per session; registries are per test)."""
+    from transformers import set_seed
+
+    from qat_tasks import ort_quant
+    from qat_tasks.champion import train_classifier
+    from qat_tasks.config import TrainingConfig, parse_config
+    from qat_tasks.modeling import build_classifier, export_onnx
+    from qat_tasks.schema import INTENTS, parse_line
+    from qat_tasks.storage import open_lines
+
+    cfg = parse_config(tiny_config_dict(str(traffic_dir)), "test-config")
+    rows = []
+    for f in sorted(traffic_dir.glob("dt=*/*.jsonl.gz"))[:4]:
+        for raw in open_lines(str(f)):
+            rec, _ = parse_line(raw)
+            if rec is not None:
+                rows.append((rec.text, rec.reviewed_label or rec.intent))
+    root = tmp_path_factory.mktemp("intent-models")
+    set_seed(0)
+    model, tokenizer = build_classifier(cfg, "tiny-random://bert", list(INTENTS))
+    tc = TrainingConfig(epochs=1, learning_rate=1e-3, batch_size=64, max_length=32)
+    train_classifier(model, tokenizer, [t for t, _ in rows], [INTENTS.index(y) for _, y in rows], len(INTENTS), tc,
+                     progress=False)
+    hf = root / "hf"
+    model.save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+    fp32 = export_onnx(model, tokenizer, root / "fp32" / "model.onnx", tc.max_length)
+    pre = ort_quant.preprocess(fp32, root / "pre.onnx")
+    (root / "int8").mkdir()
+    int8 = ort_quant.quantize_dynamic(pre, root / "int8" / "model.onnx")
+    return {"hf": hf, "fp32": fp32, "int8": int8, "labels": list(INTENTS), "max_length": tc.max_length}
+
+
+@pytest.fixture()
+def intent_registry(intent_models, make_config, tmp_path) -> dict:
+    """A fresh MLflow store (SQLite, this test's folder) holding intent-classifier v1 (FP32, @champion) and
+    v2 (dynamic INT8, @challenger and @shadow), registered the way the pipeline registers them."""
+    import mlflow
+
+    from qat_tasks import registry, tracking
+
+    cfg = make_config(tracking={"uri": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}",
+                                "experiment_prefix": "mangaassist"},
+                      serving={"log_dir": str(tmp_path / "live-traffic"), "port": 0,
+                               "reload_interval_s": 0.0, "log_flush_records": 50, "log_flush_seconds": 0.5})
+    client = tracking.configure(cfg)
+    exp = tracking.ensure_experiment(cfg, "intent-classifier")
+    name = tracking.registered_name(cfg, "intent-classifier")
+    versions = {}
+    for precision, onnx in (("fp32", intent_models["fp32"]), ("int8", intent_models["int8"])):
+        with mlflow.start_run(experiment_id=exp, run_name=f"fixture {precision}") as run:
+            pkg = tmp_path / f"pkg-{precision}"
+            import shutil
+
+            shutil.copytree(intent_models["hf"], pkg / "hf")
+            meta = {"labels": intent_models["labels"], "max_length": intent_models["max_length"],
+                    "role": "intent_classifier", "pair": False, "precision": precision,
+                    "calibration_version": "fixture", "source": "tiny-random://bert",
+                    **({"method": "ptq_dynamic"} if precision == "int8" else {})}
+            uri = registry.log_encoder(pkg / "hf", onnx, meta)
+            versions[precision] = registry.register(
+                client, name, uri, f"fixture:{precision}", run.info.run_id,
+                {"calibration_version": "fixture", "method": precision}, f"fixture {precision}")
+    client.set_registered_model_alias(name, registry.CHAMPION, versions["fp32"])
+    client.set_registered_model_alias(name, "challenger", versions["int8"])
+    client.set_registered_model_alias(name, "shadow", versions["int8"])
+    return {"cfg": cfg, "client": client, "name": name, "champion": versions["fp32"], "shadow": versions["int8"],
+            "log_dir": tmp_path / "live-traffic"}
