@@ -95,6 +95,13 @@ def quarterly_recalibration():
 
         return challenger_stage(CONFIG, run, calibration, champion)
 
+    @task(multiple_outputs=False, map_index_template="{{ decision['model'] }}")
+    def shadow_and_promote(run: dict, calibration: dict, decision: dict) -> dict:
+        """Put the new @challenger in @shadow; replay mode reviews it on logged traffic and promotes on evidence."""
+        from qat_tasks.pipeline import shadow_stage
+
+        return shadow_stage(CONFIG, run, calibration, decision)
+
     @task
     def llm_models(run: dict) -> list[str]:
         """The selected LLMs (4-bit track, mapped over below)."""
@@ -115,14 +122,15 @@ def quarterly_recalibration():
     # none_failed: a run for a subset of models skips the other track's (empty) mapped tasks, and still reports.
     @task(multiple_outputs=False, trigger_rule="none_failed")
     def report(run: dict, calibration: dict, evaluations: list[dict], decisions: list[dict],
-               llm_decisions: list[dict]) -> dict:
+               llm_decisions: list[dict], shadows: list[dict]) -> dict:
         """Close the per-model parent runs, write the memory budget and print what happened."""
         from qat_tasks.pipeline import report_stage
 
         # Index by length: iterating the lazy sequence probes one past the end and logs a spurious error.
         return report_stage(CONFIG, run, calibration, [evaluations[i] for i in range(len(evaluations))],
                             [decisions[i] for i in range(len(decisions))],
-                            [llm_decisions[i] for i in range(len(llm_decisions))])
+                            [llm_decisions[i] for i in range(len(llm_decisions))],
+                            [shadows[i] for i in range(len(shadows))])
 
     run = plan()
     calibration = refresh_calibration(run)
@@ -130,8 +138,9 @@ def quarterly_recalibration():
     evaluations = evaluate_champion.partial(run=run, calibration=calibration).expand(champion=champions)
     decisions = int8_challenger.partial(run=run, calibration=calibration).expand(champion=champions)
     evaluations >> decisions  # the champion's own figures first: a failed evaluation stops the track
+    shadows = shadow_and_promote.partial(run=run, calibration=calibration).expand(decision=decisions)
     llm_decisions = llm_4bit_challenger.partial(run=run, calibration=calibration).expand(model_name=llm_models(run))
-    report(run, calibration, evaluations, decisions, llm_decisions)
+    report(run, calibration, evaluations, decisions, llm_decisions, shadows)
 
 
 DAG = quarterly_recalibration()

@@ -74,6 +74,18 @@ _NON_EN_HINTS = ("¿", "¡", " el ", " los ", " qu", " le ", " la ", " une ", " 
                  " minha ", "ção", "ões", "ñ")
 
 
+def split_of(cfg: PipelineConfig, conversation_id: str) -> str:
+    """The split a conversation belongs to: a seeded hash of its id, so every quarter (and a shadow replay, which
+    must not review on training rows) assigns it the same way."""
+    u = _priority(cfg.calibration.seed.to_bytes(8, "big", signed=True), conversation_id) / 2**64
+    acc = 0.0
+    for s in SPLITS:
+        acc += getattr(cfg.calibration.split_fractions, s)
+        if u < acc:
+            return s
+    return SPLITS[-1]
+
+
 def is_non_english(text: str, locale: str | None) -> bool:
     if locale:
         return not locale.lower().startswith("en")
@@ -140,10 +152,6 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
     key = cal.seed.to_bytes(8, "big", signed=True)
     edge_cfg = cal.edge_cases
     sizes = {s: getattr(cal.sizes, s) for s in SPLITS}
-    bounds, acc = [], 0.0
-    for s in SPLITS:
-        acc += getattr(cal.split_fractions, s)
-        bounds.append((acc, s))
 
     files = storage.list_log_files(source, start, end, endpoint)
     if not files:
@@ -192,6 +200,9 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
                 if not (start <= day < end):
                     stats["out_of_window"] += 1
                     continue
+                if rec.event == "shadow_inference":  # the same turn, answered by a shadow model: not traffic
+                    stats["shadow_records"] += 1
+                    continue
                 rid = hash(rec.request_id)
                 if rid in seen_requests:
                     stats["duplicate_requests"] += 1
@@ -200,8 +211,7 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
                 text = scrub(rec.text, pii)
                 label = rec.reviewed_label or rec.intent
                 traffic_intents[label] += 1
-                u = _priority(key, rec.conversation_id) / 2**64
-                split = next(s for b, s in bounds if u < b) if u < bounds[-1][0] else SPLITS[-1]
+                split = split_of(cfg, rec.conversation_id)
                 if split == "calibration":
                     conversations[rec.conversation_id].append((rec.turn, text, label))
                 norm = hash(normalize(text))
@@ -328,7 +338,8 @@ def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligi
         "window": {"start": start.isoformat(), "end": end.isoformat()}, "source": source, "seed": cal.seed,
         "settings": cal.model_dump(mode="json"),
         "input": {**{k: stats[k] for k in ("lines", "valid", "invalid", "blank_lines", "out_of_window",
-                                             "duplicate_requests", "duplicate_texts", "evaluation_unreviewed_skipped")},
+                                             "duplicate_requests", "duplicate_texts", "evaluation_unreviewed_skipped",
+                                             "shadow_records")},
                   "invalid_fraction": round(invalid_fraction, 6), "invalid_reasons": dict(reasons),
                   "pii_scrubbed": dict(pii), "quarantine": quarantine_uri},
         "traffic_intents": {i: traffic_intents[i] for i in INTENTS},

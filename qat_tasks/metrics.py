@@ -26,8 +26,12 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 def classification_report(y_true: np.ndarray, probs: np.ndarray, labels: list[str], rare: list[str],
                           ece_bins: int = 15) -> dict:
     """Metrics on a labelled set; accuracies and recalls as fractions in [0, 1]."""
-    y_pred = probs.argmax(axis=1)
-    confidence = probs.max(axis=1)
+    return prediction_report(y_true, probs.argmax(axis=1), probs.max(axis=1), labels, rare, ece_bins)
+
+
+def prediction_report(y_true: np.ndarray, y_pred: np.ndarray, confidence: np.ndarray, labels: list[str],
+                      rare: list[str], ece_bins: int = 15) -> dict:
+    """classification_report from top-1 answers alone (what a served model logs: intent and confidence)."""
     correct = (y_pred == y_true).astype(float)
     cm = confusion(y_true, y_pred, len(labels))
     tp = np.diag(cm).astype(float)

@@ -127,6 +127,16 @@ def llm_stage(cfg: PipelineConfig, run: dict, calibration: dict, model_name: str
         return build_llm_challenger(cfg, model_name, calibration["uri"], _ctx(run))
 
 
+def shadow_stage(cfg: PipelineConfig, run: dict, calibration: dict, decision: dict) -> dict:
+    from qat_tasks import tracking
+    from qat_tasks.shadow import shadow_challenger
+
+    with _marks_parent_failed(cfg, run, decision["model"], calibration):
+        tracking.configure(cfg)
+        parent = tracking.model_parent_run(cfg, decision["model"], _ctx(run), calibration["version"])
+        return shadow_challenger(cfg, decision, run["window"], _ctx(run), parent)
+
+
 @contextmanager
 def _marks_parent_failed(cfg: PipelineConfig, run: dict, model_name: str, calibration: dict):
     """A stage that raises marks this DAG run's parent run of the model FAILED, then re-raises."""
@@ -149,7 +159,8 @@ def _fail_parent(cfg: PipelineConfig, run: dict, model_name: str, calibration: d
 
 
 def report_stage(cfg: PipelineConfig, run: dict, calibration: dict, evaluations: list[dict],
-                 decisions: list[dict] | None = None, llm_decisions: list[dict] | None = None) -> dict:
+                 decisions: list[dict] | None = None, llm_decisions: list[dict] | None = None,
+                 shadows: list[dict] | None = None) -> dict:
     from qat_tasks import tracking
 
     tracking.configure(cfg)
@@ -171,6 +182,9 @@ def report_stage(cfg: PipelineConfig, run: dict, calibration: dict, evaluations:
                      + (f" ({d['method']}: {d.get('headline')}, P95 {d['metrics']['p95_ms']:.1f} ms, "
                         f"{d['metrics']['size_mb']:.1f} MB)" if d.get("registered_version") else
                         f" (failed gates: {d.get('why')})"))
+    for sh in shadows or []:
+        lines.append(f"  {sh['model']} shadow: {sh['outcome']}" + (f" -> {sh['action']}" if sh.get("action") else "")
+                     + (f" ({sh['why']})" if sh.get("why") and sh.get("verdict") != "passed" else ""))
     for d in llm_decisions:
         lines.append(f"  {d['model']} 4-bit: {d['decision']}"
                      + (f" ({d['method']}: {d.get('headline')})" if d.get("registered_version") else
@@ -188,8 +202,9 @@ def report_stage(cfg: PipelineConfig, run: dict, calibration: dict, evaluations:
         log.info(line)
     return {"calibration_version": calibration["version"], "evaluated": sorted(evaluated), "skipped": skipped,
             "challengers": {d["model"]: d.get("registered_version") for d in [*(decisions or []), *llm_decisions]},
+            "shadows": {sh["model"]: sh.get("action") or sh["outcome"] for sh in shadows or []},
             "memory_budget": budget}
 
 
 __all__ = ["ConfigError", "ParamError", "plan_run", "previous_quarter", "refresh_stage", "champion_stage",
-           "evaluate_stage", "challenger_stage", "llm_stage", "report_stage"]
+           "evaluate_stage", "challenger_stage", "shadow_stage", "llm_stage", "report_stage"]

@@ -32,13 +32,14 @@ def test_quarterly_schedule_params_and_retries(dagbag):
     for t in dag.tasks:
         assert t.retries >= 2, t.task_id
     assert {t.task_id for t in dag.tasks} == {"plan", "refresh_calibration", "tracked_models", "ensure_champion",
-                                               "evaluate_champion", "int8_challenger", "llm_models",
-                                               "llm_4bit_challenger", "report"}
+                                               "evaluate_champion", "int8_challenger", "shadow_and_promote",
+                                               "llm_models", "llm_4bit_challenger", "report"}
+    assert dag.get_task("shadow_and_promote").upstream_task_ids >= {"int8_challenger"}
     assert "evaluate_champion" in dag.get_task("int8_challenger").upstream_task_ids
     # The embedded default runs the LLM beside everything else; production sends it to the GPU queue.
     llm = dag.get_task("llm_4bit_challenger")
     assert (llm.queue, llm.pool) == ("default", "default_pool")
-    assert {"llm_4bit_challenger", "int8_challenger"} <= dag.get_task("report").upstream_task_ids
+    assert {"llm_4bit_challenger", "int8_challenger", "shadow_and_promote"} <= dag.get_task("report").upstream_task_ids
 
 
 def test_production_config_puts_the_llm_on_the_gpu_queue_and_pool(monkeypatch):

@@ -149,6 +149,26 @@ def test_a_second_run_reuses_the_champion(dag_run, mlflow_client, tiny_config_pa
     assert champion["bootstrapped"] is False
 
 
+def test_a_new_challenger_goes_into_shadow(dag_run, mlflow_client):
+    """A registered INT8 challenger gets @shadow (the tiny config reviews live, so it stays there); nothing else
+    moves: @champion is still the FP32 version."""
+    decision, shadowed = _of(dag_run, "int8_challenger"), _of(dag_run, "shadow_and_promote")
+    name = "mangaassist-intent-classifier"
+    assert str(mlflow_client.get_model_version_by_alias(name, "champion").version) == "1"
+    if decision["registered_version"] is None:
+        assert shadowed["outcome"] == "no challenger to shadow"
+        return
+    assert shadowed["outcome"].startswith(f"v{decision['registered_version']} in shadow since")
+    mv = mlflow_client.get_model_version_by_alias(name, "shadow")
+    assert str(mv.version) == decision["registered_version"] and mv.tags["shadow.deployed_by"] == dag_run.run_id
+    (report,) = _xcom(dag_run, "report")
+    assert report["shadows"]["intent-classifier"] == shadowed["outcome"]
+    # The other encoders are not shadowed on live traffic (the service logs intents).
+    for model in ("escalation-detector", "reranker"):
+        other = _of(dag_run, "shadow_and_promote", model)
+        assert other["outcome"] == "no challenger to shadow" or "not shadowed" in other["outcome"]
+
+
 def test_registered_champion_serves_through_mlflow_pyfunc(dag_run, mlflow_client):
     import mlflow.pyfunc
     import pandas as pd

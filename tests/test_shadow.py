@@ -1,0 +1,123 @@
+"""Shadow review, promotion and rollback against a real SQLite MLflow registry (fixture intent_registry: v1 FP32
+@champion, v2 INT8 @challenger/@shadow). Mirrored traffic is written as the service writes it: traffic-schema
+records, a champion record and a shadow record per request."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from qat_tasks import registry, shadow
+from qat_tasks.schema import INTENTS, InferenceRecord
+from qat_tasks.tracking import RunContext
+
+
+def ctx(run_id: str, reason: str = "test") -> RunContext:
+    return RunContext(dag_id="test", run_id=run_id, reason=reason, trigger="test")
+
+
+def mirrored(name: str, n: int, *, disagree: float = 0.0, unanswered: float = 0.0, reviewed: float = 0.5,
+             champion_v="1", shadow_v="2", seed: int = 0) -> list[InferenceRecord]:
+    """n requests answered by the champion (always right on reviewed rows) and mirrored to the shadow, which
+    disagrees on a share of them and leaves a share unanswered."""
+    rng = random.Random(seed)
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    out = []
+    for i in range(n):
+        truth = INTENTS[i % len(INTENTS)]
+        base = {"schema_version": 1, "request_id": f"req-{i}", "conversation_id": f"conv-{i}", "turn": 0,
+                "timestamp": t0 + timedelta(seconds=i), "runtime": "onnxruntime", "text": f"message {i}",
+                "reviewed_label": truth if rng.random() < reviewed else None}
+        out.append(InferenceRecord(**base, event="inference", model=f"{name}/v{champion_v}", intent=truth,
+                                   confidence=0.9, latency_ms=6.0 + rng.random()))
+        if rng.random() < unanswered:
+            continue
+        answer = rng.choice([x for x in INTENTS if x != truth]) if rng.random() < disagree else truth
+        out.append(InferenceRecord(**base, event="shadow_inference", model=f"{name}/v{shadow_v}", intent=answer,
+                                   confidence=0.9, latency_ms=3.0 + rng.random()))
+    return out
+
+
+def aliases(reg) -> dict[str, str]:
+    return {a: str(v.version) for a in ("champion", "previous", "shadow", "challenger")
+            if (v := registry.alias_version(reg["client"], reg["name"], a)) is not None}
+
+
+def test_passing_review_promotes_and_rollback_restores(intent_registry):
+    cfg, name = intent_registry["cfg"], intent_registry["name"]
+    verdict = shadow.review(cfg, "intent-classifier", mirrored(name, 400), ctx("r1"), "test traffic")
+    assert verdict["verdict"] == "passed", verdict["why"]
+    assert verdict["mirrored"] == 400 and verdict["agreement"] == 1.0
+    mv = intent_registry["client"].get_model_version(name, "2")
+    assert mv.tags["shadow.review"] == "passed" and mv.tags["shadow.review_champion"] == "1"
+    # The review is an MLflow run with its evidence.
+    import mlflow
+
+    run = mlflow.get_run(verdict["run_id"])
+    assert run.data.metrics["shadow.agreement"] == 1.0 and run.data.tags["review.verdict"] == "passed"
+    arts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=verdict["run_id"])}
+    assert {"gates.json", "plots"} <= arts
+
+    promoted = shadow.promote(cfg, "intent-classifier", ctx("p1", "shadow review passed"))
+    assert aliases(intent_registry) == {"champion": "2", "previous": "1"}
+    assert shadow.promote(cfg, "intent-classifier", ctx("p1")) == promoted  # a retried task does it once
+
+    back = shadow.rollback(cfg, "intent-classifier", ctx("rb1", "P95 regression on the new hosts"))
+    assert back["champion_version"] == "1" and back["demoted_version"] == "2"
+    assert aliases(intent_registry) == {"champion": "1"}
+    assert intent_registry["client"].get_model_version(name, "2").tags["rolled_back"] == "P95 regression on the new hosts"
+    with pytest.raises(shadow.PromotionError, match="no @previous"):
+        shadow.rollback(cfg, "intent-classifier", ctx("rb2"))
+    # Reviewed against v1, and v1 is champion again: the old verdict still holds, so it may be promoted again...
+    shadow.promote(cfg, "intent-classifier", ctx("p2"), version="2")
+    assert aliases(intent_registry)["champion"] == "2"
+
+
+def test_failing_review_refuses_promotion_and_retires_the_shadow(intent_registry):
+    cfg, name = intent_registry["cfg"], intent_registry["name"]
+    verdict = shadow.review(cfg, "intent-classifier", mirrored(name, 400, disagree=0.2), ctx("r2"), "test traffic")
+    assert verdict["verdict"] == "failed"
+    assert "agreement" in verdict["failed_gates"] and "accuracy" in verdict["failed_gates"]
+    with pytest.raises(shadow.PromotionError, match="shadow review says 'failed'"):
+        shadow.promote(cfg, "intent-classifier", ctx("p3"))
+    acted = shadow.act_on(cfg, "intent-classifier", verdict, ctx("a3"))
+    assert "taken out of shadow" in acted["action"]
+    assert aliases(intent_registry) == {"champion": "1", "challenger": "2"}
+
+
+def test_unanswered_mirrors_fail_the_reliability_gate(intent_registry):
+    cfg, name = intent_registry["cfg"], intent_registry["name"]
+    verdict = shadow.review(cfg, "intent-classifier", mirrored(name, 400, unanswered=0.05), ctx("r3"), "test")
+    assert verdict["verdict"] == "failed" and verdict["failed_gates"] == ["shadow_error_rate"]
+
+
+def test_too_little_evidence_decides_nothing(intent_registry):
+    cfg, name = intent_registry["cfg"], intent_registry["name"]
+    verdict = shadow.review(cfg, "intent-classifier", mirrored(name, 150, reviewed=0.3), ctx("r4"), "test")
+    assert verdict["verdict"] == "insufficient_evidence"
+    assert "150 mirrored requests < 200" in verdict["why"] and "reviewed labels" in verdict["why"]
+    assert shadow.act_on(cfg, "intent-classifier", verdict, ctx("a4"))["action"] == "still in shadow"
+    with pytest.raises(shadow.PromotionError, match="insufficient_evidence"):
+        shadow.promote(cfg, "intent-classifier", ctx("p4"))
+    assert aliases(intent_registry)["champion"] == "1"
+
+
+def test_only_versions_that_passed_offline_gates_go_anywhere(intent_registry):
+    cfg, name, client = intent_registry["cfg"], intent_registry["name"], intent_registry["client"]
+    with pytest.raises(shadow.PromotionError, match="offline gates"):
+        shadow.deploy(cfg, "intent-classifier", "1", ctx("d1"))  # the bootstrapped FP32 champion
+    assert shadow.review(cfg, "intent-classifier", mirrored(name, 400), ctx("r5"), "test")["verdict"] == "passed"
+    client.delete_model_version_tag(name, "2", "gates.offline")  # registered by hand, outside the pipeline
+    with pytest.raises(shadow.PromotionError, match="offline gates"):
+        shadow.promote(cfg, "intent-classifier", ctx("p5"))
+    assert aliases(intent_registry)["champion"] == "1"
+
+
+def test_a_review_against_an_older_champion_does_not_count(intent_registry):
+    cfg, name, client = intent_registry["cfg"], intent_registry["name"], intent_registry["client"]
+    assert shadow.review(cfg, "intent-classifier", mirrored(name, 400), ctx("r6"), "test")["verdict"] == "passed"
+    client.set_model_version_tag(name, "2", "shadow.review_champion", "7")  # reviewed against another champion
+    with pytest.raises(shadow.PromotionError, match="review it again"):
+        shadow.promote(cfg, "intent-classifier", ctx("p6"))
