@@ -2,6 +2,7 @@
 
   qat-tasks validate-config configs/demo.yaml configs/production.yaml
   qat-tasks generate-traffic --out data/traffic_sample --start 2026-07-01 --end 2026-10-01 --per-day 300
+  qat-tasks generate-traffic --out .state/live-traffic --start 2026-11-22 --end 2026-11-23 --drift catalogue_launch
   qat-tasks refresh --start 2026-07-01 --end 2026-10-01 --reason "drift in checkout_help"
   qat-tasks run --reason "manual recalibration" [--models intent-classifier] [--start .. --end ..]
       (refresh, champion, champion evaluation, INT8 candidates, gates, @challenger; the LLM's 4-bit track)
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corrupt-rate", type=float, default=0.0, help="fraction of lines to corrupt (tests, demos)")
     p.add_argument("--files-per-day", type=int, default=1)
     p.add_argument("--plain", action="store_true", help="write .jsonl instead of .jsonl.gz")
+    p.add_argument("--drift", help="a drift profile, e.g. catalogue_launch (qat_tasks.traffic.PROFILES)")
 
     for name, help_ in (("refresh", "refresh calibration data for a window"),
                         ("run", "the whole quarterly run: refresh, champion, evaluation, INT8 challenger, 4-bit LLM")):
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             from qat_tasks.traffic import generate
 
             stats = generate(args.out, args.start, args.end, args.per_day, seed=args.seed, compress=not args.plain,
-                             corrupt_rate=args.corrupt_rate, files_per_day=args.files_per_day, progress=True)
+                             corrupt_rate=args.corrupt_rate, files_per_day=args.files_per_day, progress=True,
+                             drift=args.drift)
             print(json.dumps(dict(sorted(stats.items())), indent=1))
             return 0
         cfg = load_config(args.config)

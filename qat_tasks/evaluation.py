@@ -139,11 +139,30 @@ def evaluate_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str
                  scalars["throughput_rps"], cfg.evaluation.throughput_batch, scalars["size_mb"])
         result = {"model": model_name, "version": version, "run_id": run.info.run_id, "metrics": scalars,
                   "headline": role.headline(scalars)}
+        if model_name in cfg.drift_models:
+            _store_drift_reference(cfg, model_name, version, calibration_uri)
         tracking.set_result(result)
     # The parent run carries the headline figures so the experiment's run list compares quarters at a glance.
     mlflow.MlflowClient().log_batch(champion["parent_run_id"], metrics=[
         mlflow.entities.Metric(f"champion.{k}", v, int(time.time() * 1000), 0) for k, v in scalars.items()])
     return result
+
+
+def _store_drift_reference(cfg: PipelineConfig, model_name: str, version: str, calibration_uri: str) -> None:
+    """The statistics the daily drift monitor compares later traffic with, stored at calibration time. A failure
+    here must not stop the recalibration: the monitor builds a missing reference itself."""
+    import mlflow
+
+    from qat_tasks.drift import store_reference
+
+    try:
+        uri = store_reference(cfg, model_name, version, calibration_uri)["uri"]
+    except Exception as exc:  # any failure: reported on the run, and the monitor retries on its own
+        log.warning("%s: drift reference not stored (%s: %s); the drift monitor will compute it", model_name,
+                    type(exc).__name__, exc)
+        mlflow.set_tag("drift.reference_error", f"{type(exc).__name__}: {exc}"[:5000])
+        return
+    mlflow.set_tag("drift.reference", uri)
 
 
 DATASET_COLUMNS = ("request_id", "id", "group", "text", "text_pair", "label", "label_source", "source", "language")

@@ -136,3 +136,45 @@ def sensitivity(rows: list[dict], title: str):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def drift_psi(psi: dict[str, float], threshold: float, title: str):
+    """PSI of each monitored feature, largest on top; red bars reach the drift threshold (dashed)."""
+    names = sorted(psi, key=psi.get)
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.24 * len(names) + 1.2)))
+    ax.barh(names, [psi[n] for n in names], color=["tab:red" if psi[n] >= threshold else "tab:blue" for n in names])
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"drift threshold {threshold:g}")
+    ax.set_xlabel("PSI against the calibration-time reference")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def drift_histograms(features: dict[str, tuple[list, list]], title: str):
+    """Reference against live, per feature: overlaid histograms (numbers) or side-by-side shares (categories)."""
+    n = max(1, len(features))
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (name, (ref, live)) in zip(axes.flat, features.items(), strict=False):
+        if ref and isinstance(ref[0], str):
+            cats = sorted(set(ref) | set(live))
+            x = np.arange(len(cats))
+            for k, (label, vals) in enumerate((("reference", ref), ("live", live))):
+                ax.bar(x + (k - 0.5) * 0.4, [vals.count(c) / max(1, len(vals)) for c in cats], 0.4, label=label)
+            ax.set_xticks(x, cats, rotation=40, ha="right", fontsize=7)
+            ax.set_ylabel("share")
+        else:
+            both = np.concatenate([np.asarray(ref, float), np.asarray(live, float)])
+            bins = np.histogram_bin_edges(both, bins=30)
+            ax.hist(ref, bins=bins, density=True, alpha=0.55, label="reference")
+            ax.hist(live, bins=bins, density=True, alpha=0.55, label="live")
+        ax.set_title(name, fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(features):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

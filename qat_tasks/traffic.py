@@ -6,6 +6,17 @@ volumes, order numbers), typos, emoji, informal and non-English messages, multi-
 personal data that calibration must scrub, a served model that is sometimes wrong (lower confidence
 when it is), a share of turns reviewed by people, client retries that log a request twice and,
 optionally, corrupted lines. Output: date-partitioned JSONL (optionally gzip) in a folder or on S3.
+
+Drift profiles (`generate(..., drift="catalogue_launch")`) write traffic that has moved away from the
+default, for exercising the drift monitor (qat_tasks.drift):
+
+  catalogue_launch   a new catalogue goes live with international shipping: customers ask about titles and
+                     formats the models never saw (light novels, slipcase sets, launch bundles), pre-order
+                     checkouts and payments break (checkout_help 12 %, payment_issue 15 % of conversations,
+                     with launch-specific messages), a third of the customers write in another language
+                     (Korean and Chinese join the usual five) and a quarter of the messages are long.
+
+Without a profile the generator is unchanged: the same seed writes the same bytes as before profiles existed.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import random
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from qat_tasks import storage
@@ -167,13 +179,86 @@ CONFUSIONS = {
 }
 
 REVIEWED_FRACTION = 0.35
+LONG_MESSAGE_RATE = 0.04
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the customers ask and how: the default, or a drift profile."""
+
+    intent_share: dict[str, float]
+    titles: list[str]
+    formats: list[str]
+    templates: dict[str, list[str]]
+    foreign: dict[str, list[tuple[str, str]]]
+    non_english_rate: float
+    long_rate: float
+
+
+# A new catalogue: titles and formats the shop did not sell before (listed three times: the launch dominates).
+LAUNCH_TITLES = ["Kagurabachi", "Ichi the Witch", "Gachiakuta", "Akane-banashi", "Centuria", "Blue Box",
+                 "The Elusive Samurai", "Mission: Yozakura Family", "Undead Unluck", "Hell's Paradise",
+                 "Shangri-La Frontier", "Ruri Dragon"]
+LAUNCH_FORMATS = ["light novel", "limited-edition slipcase set", "artbook", "signed variant cover",
+                  "launch bundle with acrylic stand", "webtoon print edition"]
+LAUNCH_TEMPLATES: dict[str, list[str]] = {
+    "checkout_help": [
+        "the {title} launch bundle pre-order won't go through checkout, it says the {fmt} is unavailable in my region",
+        "checkout keeps removing the {fmt} of {title} from my cart right before I pay on {device}",
+        "I can't select international shipping at checkout for the {title} {fmt}, the country list is empty",
+        "the pre-order checkout for {title} vol {vol} asks for a release-date confirmation and then errors with {errcode}",
+    ],
+    "payment_issue": [
+        "I was charged ${amount} for the {title} {fmt} pre-order but never got a confirmation email",
+        "my card got declined for the {title} launch bundle, but the bank says the payment went through",
+        "the pre-order deposit for {title} vol {vol} was taken twice and the second charge is in yen",
+        "why does the {fmt} of {title} cost ${amount} at payment when the launch page said less",
+    ],
+    "product_search": [
+        "is the {title} {fmt} part of the new catalogue, and will volume {vol} ship internationally",
+        "do you carry the {title} {fmt} from the launch event",
+    ],
+}
+LAUNCH_FOREIGN: dict[str, list[tuple[str, str]]] = {
+    "product_search": [("ko-KR", "{title} {vol}권 재고 있나요?"), ("zh-TW", "請問{title}第{vol}集有貨嗎")],
+    "checkout_help": [("ko-KR", "결제 페이지에서 주문이 완료되지 않아요"), ("zh-TW", "結帳時一直出現錯誤{errcode}")],
+    "payment_issue": [("ko-KR", "{title} 예약 주문이 두 번 결제됐어요"), ("zh-TW", "預購{title}被重複扣款")],
+    "order_status": [("ko-KR", "주문 {order} 언제 도착하나요?"), ("zh-TW", "訂單{order}什麼時候到")],
+}
+
+
+def _launch_share() -> dict[str, float]:
+    share = {"checkout_help": 0.12, "payment_issue": 0.15}
+    rest = {k: v for k, v in INTENT_SHARE.items() if k not in share}
+    scale = (1 - sum(share.values())) / sum(rest.values())
+    return {k: share.get(k, INTENT_SHARE[k] * scale) for k in INTENT_SHARE}
+
+
+PROFILES: dict[str, Profile] = {
+    "catalogue_launch": Profile(
+        intent_share=_launch_share(), titles=LAUNCH_TITLES * 3 + TITLES, formats=LAUNCH_FORMATS * 2 + FORMATS,
+        templates={k: v + LAUNCH_TEMPLATES.get(k, []) for k, v in TEMPLATES.items()},
+        foreign={k: v + LAUNCH_FOREIGN.get(k, []) for k, v in FOREIGN.items()},
+        non_english_rate=0.35, long_rate=0.25),
+}
+
+
+def profile(drift: str | None, non_english_rate: float = 0.06) -> Profile:
+    """The default traffic, or the named drift profile."""
+    if drift is None:
+        return Profile(INTENT_SHARE, TITLES, FORMATS, TEMPLATES, FOREIGN, non_english_rate, LONG_MESSAGE_RATE)
+    if drift not in PROFILES:
+        raise ValueError(f"unknown drift profile {drift!r}; known: {sorted(PROFILES)}")
+    return PROFILES[drift]
 
 
 class TrafficGenerator:
     def __init__(self, seed: int = 0, non_english_rate: float = 0.06, pii_rate: float = 0.08,
-                 duplicate_rate: float = 0.01, corrupt_rate: float = 0.0):
+                 duplicate_rate: float = 0.01, corrupt_rate: float = 0.0, drift: str | None = None):
         self.rng = random.Random(seed)
-        self.non_english_rate = non_english_rate
+        # The default profile draws exactly as the generator always has: existing seeds keep their output.
+        self.profile = profile(drift, non_english_rate)
+        self.non_english_rate = self.profile.non_english_rate
         self.pii_rate = pii_rate
         self.duplicate_rate = duplicate_rate
         self.corrupt_rate = corrupt_rate
@@ -184,7 +269,8 @@ class TrafficGenerator:
         r = self.rng
         vol = r.randint(1, 110)
         return {
-            "title": r.choice(TITLES), "vol": str(vol), "vol2": str(vol + r.randint(1, 8)), "fmt": r.choice(FORMATS),
+            "title": r.choice(self.profile.titles), "vol": str(vol), "vol2": str(vol + r.randint(1, 8)),
+            "fmt": r.choice(self.profile.formats),
             "genre": r.choice(GENRES), "carrier": r.choice(CARRIERS), "country": r.choice(COUNTRIES),
             "order": r.choice(["MA-2026-", "MA-", "#"]) + str(r.randint(100000, 99999999)),
             "promo": r.choice(["MANGA10", "SUMMER25", "OTAKU5", "FREESHIP", "VOL1FREE", "BOXSET15"]),
@@ -234,18 +320,19 @@ class TrafficGenerator:
         if r.random() < 0.12:
             text = f"{text} {r.choice(EMOJI)}"
             self.stats["emoji"] += 1
-        if r.random() < 0.04:  # a long, rambling message
-            text = f"{text}. " + " ".join(r.choice(TEMPLATES[r.choice(INTENTS)]).format(**self._slots()) for _ in range(4))
+        if r.random() < self.profile.long_rate:  # a long, rambling message
+            text = f"{text}. " + " ".join(r.choice(self.profile.templates[r.choice(INTENTS)]).format(**self._slots())
+                                          for _ in range(4))
         return text
 
     def utterance(self, intent: str) -> tuple[str, str]:
         """(text, locale) for one customer message with this intent."""
         slots = self._slots()
         if self.rng.random() < self.non_english_rate:
-            locale, tpl = self.rng.choice(FOREIGN[intent])
+            locale, tpl = self.rng.choice(self.profile.foreign[intent])
             self.stats["non_english"] += 1
             return tpl.format(**slots), locale
-        text = self._noise(self.rng.choice(TEMPLATES[intent]).format(**slots))
+        text = self._noise(self.rng.choice(self.profile.templates[intent]).format(**slots))
         if "{email}" not in text and self.rng.random() < self.pii_rate and intent != "chitchat":
             text += self._pii_suffix(slots)
         return text, "en-US"
@@ -260,7 +347,8 @@ class TrafficGenerator:
 
     def conversation(self, start: datetime) -> Iterator[dict]:
         r = self.rng
-        intent = r.choices(list(INTENT_SHARE), weights=list(INTENT_SHARE.values()))[0]
+        share = self.profile.intent_share
+        intent = r.choices(list(share), weights=list(share.values()))[0]
         conv_id = f"conv-{uuid.UUID(int=r.getrandbits(128)).hex[:16]}"
         ts = start
         n_turns = r.choices([1, 2, 3, 4], weights=[0.5, 0.28, 0.14, 0.08])[0]
@@ -323,9 +411,10 @@ class TrafficGenerator:
 
 def generate(out: str, start: date, end: date, records_per_day: int, seed: int = 0, compress: bool = True,
              corrupt_rate: float = 0.0, files_per_day: int = 1, endpoint_url: str | None = None,
-             progress: bool = False) -> Counter:
-    """Write [start, end) of traffic under `out` (folder or s3:// prefix) as dt=YYYY-MM-DD/ partitions."""
-    gen = TrafficGenerator(seed=seed, corrupt_rate=corrupt_rate)
+             progress: bool = False, drift: str | None = None) -> Counter:
+    """Write [start, end) of traffic under `out` (folder or s3:// prefix) as dt=YYYY-MM-DD/ partitions; `drift`
+    names a drift profile (PROFILES), None the usual traffic."""
+    gen = TrafficGenerator(seed=seed, corrupt_rate=corrupt_rate, drift=drift)
     days = [start + timedelta(days=i) for i in range((end - start).days)]
     if progress:
         from tqdm import tqdm
