@@ -121,3 +121,51 @@ def test_a_review_against_an_older_champion_does_not_count(intent_registry):
     client.set_model_version_tag(name, "2", "shadow.review_champion", "7")  # reviewed against another champion
     with pytest.raises(shadow.PromotionError, match="review it again"):
         shadow.promote(cfg, "intent-classifier", ctx("p6"))
+
+
+def _with(cfg, shadow_updates: dict, lenient_quality: bool):
+    quality = cfg.gates.intent_classifier
+    if lenient_quality:
+        quality = quality.model_copy(update={"max_accuracy_drop_pts": 100.0, "max_rare_class_accuracy_drop_pts": 100.0,
+                                             "max_escalation_recall_drop_pts": 100.0, "max_ece_increase": 1.0})
+    return cfg.model_copy(update={"shadow": cfg.shadow.model_copy(update=shadow_updates),
+                                  "gates": cfg.gates.model_copy(update={"intent_classifier": quality})})
+
+
+def test_quarterly_step_replays_logged_traffic_reviews_and_promotes(intent_registry):
+    """The DAG's shadow_and_promote step in replay mode: logged traffic of evaluation conversations goes through
+    the real ONNX Runtime champion and shadow, the paired records are reviewed, and a pass promotes."""
+    from qat_tasks.calibration import split_of
+    from qat_tasks.traffic_log import read_records
+
+    from .conftest import WINDOW
+
+    cfg = _with(intent_registry["cfg"], {"review": "replay", "replay_max_requests": 300, "min_agreement": 0.5,
+                                         "max_p95_ratio": 100.0, "min_reviewed_labels": 30}, lenient_quality=True)
+    window = {"start": WINDOW[0].isoformat(), "end": WINDOW[1].isoformat()}
+    out = shadow.shadow_challenger(cfg, {"model": "intent-classifier", "registered_version": "2"}, window,
+                                   ctx("q1", "quarterly"))
+    assert out["outcome"] == "passed" and out["mirrored"] == 300 and out["answered"] == 300, out
+    assert out["reviewed"] >= 30 and out["action"].startswith("promoted v2")
+    assert aliases(intent_registry) == {"champion": "2", "previous": "1"}
+    # The replayed records are in the traffic schema, paired by request id, from evaluation conversations only.
+    replayed, stats = read_records(str(cfg.state_path / "shadow-replay" / "q1" / "intent-classifier"),
+                                   datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    assert stats.get("invalid", 0) == 0 and len(replayed) == 600
+    assert {split_of(cfg, r.conversation_id) for r in replayed} == {"evaluation"}
+    assert {r.event for r in replayed} == {"inference", "shadow_inference"}
+    # A retried task reviews nothing twice and promotes nothing twice.
+    again = shadow.shadow_challenger(cfg, {"model": "intent-classifier", "registered_version": "2"}, window,
+                                     ctx("q1", "quarterly"))
+    assert again["run_id"] == out["run_id"] and aliases(intent_registry)["champion"] == "2"
+
+
+def test_quarterly_step_does_not_promote_a_shadow_that_fails_on_replay(intent_registry):
+    from .conftest import WINDOW
+
+    cfg = _with(intent_registry["cfg"], {"review": "replay", "replay_max_requests": 300, "min_agreement": 1.0,
+                                         "max_p95_ratio": 0.001, "min_reviewed_labels": 30}, lenient_quality=False)
+    out = shadow.shadow_challenger(cfg, {"model": "intent-classifier", "registered_version": "2"},
+                                   {"start": WINDOW[0].isoformat(), "end": WINDOW[1].isoformat()}, ctx("q2"))
+    assert out["outcome"] == "failed" and "p95_ratio" in out["failed_gates"]
+    assert aliases(intent_registry) == {"champion": "1", "challenger": "2"}
