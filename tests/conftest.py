@@ -184,6 +184,9 @@ def intent_registry(intent_models, make_config, tmp_path) -> dict:
 
     from qat_tasks import registry, tracking
 
+    # mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI: put the session's store back afterwards, or every
+    # later test whose config leaves tracking.uri empty would use this test's registry.
+    saved_uri = os.environ.get("MLFLOW_TRACKING_URI")
     cfg = make_config(tracking={"uri": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}",
                                 "experiment_prefix": "mangaassist"},
                       serving={"log_dir": str(tmp_path / "live-traffic"), "port": 0,
@@ -210,5 +213,8 @@ def intent_registry(intent_models, make_config, tmp_path) -> dict:
     client.set_registered_model_alias(name, registry.CHAMPION, versions["fp32"])
     client.set_registered_model_alias(name, "challenger", versions["int8"])
     client.set_registered_model_alias(name, "shadow", versions["int8"])
-    return {"cfg": cfg, "client": client, "name": name, "champion": versions["fp32"], "shadow": versions["int8"],
-            "log_dir": tmp_path / "live-traffic"}
+    yield {"cfg": cfg, "client": client, "name": name, "champion": versions["fp32"], "shadow": versions["int8"],
+           "log_dir": tmp_path / "live-traffic"}
+    os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+    mlflow.set_tracking_uri(saved_uri)
+    mlflow.set_registry_uri(saved_uri)
