@@ -309,10 +309,10 @@ class MirroringSwitch(BaseModel):
 
 
 def create_app(service: Service):
+    from contextlib import asynccontextmanager
+
     from fastapi import FastAPI
     from fastapi.responses import PlainTextResponse
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(_app):
