@@ -66,7 +66,8 @@ class RefreshResult:
         return storage.join(self.uri, f"{split}.jsonl.gz")
 
 
-def _priority(key: bytes, value: str) -> int:
+def seeded_priority(key: bytes, value: str) -> int:
+    """A keyed hash: the order calibration samples by, independent of file order (also drift and replay)."""
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8, key=key).digest(), "big")
 
 
@@ -77,7 +78,7 @@ _NON_EN_HINTS = ("¿", "¡", " el ", " los ", " qu", " le ", " la ", " une ", " 
 def split_of(cfg: PipelineConfig, conversation_id: str) -> str:
     """The split a conversation belongs to: a seeded hash of its id, so every quarter (and a shadow replay, which
     must not review on training rows) assigns it the same way."""
-    u = _priority(cfg.calibration.seed.to_bytes(8, "big", signed=True), conversation_id) / 2**64
+    u = seeded_priority(cfg.calibration.seed.to_bytes(8, "big", signed=True), conversation_id) / 2**64
     acc = 0.0
     for s in SPLITS:
         acc += getattr(cfg.calibration.split_fractions, s)
@@ -241,7 +242,7 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
                 res_key = (split, label, bool(edge))
                 if res_key not in reservoirs:
                     reservoirs[res_key] = _Reservoir(sizes[split])
-                reservoirs[res_key].offer(_priority(key, rec.request_id), rec.request_id, row)
+                reservoirs[res_key].offer(seeded_priority(key, rec.request_id), rec.request_id, row)
             if bar is not None:
                 bar.set_postfix(lines=stats["lines"], invalid=stats["invalid"], refresh=False)
     finally:
@@ -379,7 +380,7 @@ def _select_conversations(conversations: dict, n: int, seed: int, warnings: list
         for intent in {lbl for _, _, lbl in turns}:
             by_intent[intent].append(cid)
     for cids in by_intent.values():
-        cids.sort(key=lambda c: _priority(key, c))
+        cids.sort(key=lambda c: seeded_priority(key, c))
     chosen: list[str] = []
     taken: set[str] = set()
     # Round-robin over intents, rarest first, so every intent is represented before common ones fill up.

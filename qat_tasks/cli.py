@@ -68,8 +68,10 @@ def _operate(args, cfg) -> int:
     elif args.replay:
         if not (args.start and args.end):
             raise ValueError("--replay needs --start and --end (the window of logged traffic to replay)")
-        version = shadow.registry.alias_version(shadow.tracking.configure(cfg),
-                                                shadow.tracking.registered_name(cfg, args.model), shadow.SHADOW)
+        from qat_tasks import registry, tracking
+
+        version = registry.alias_version(tracking.configure(cfg), tracking.registered_name(cfg, args.model),
+                                         shadow.SHADOW)
         if version is None:
             raise ValueError(f"{args.model} has no @shadow to review")
         replay_cfg = cfg.model_copy(update={"shadow": cfg.shadow.model_copy(update={"review": "replay"})})

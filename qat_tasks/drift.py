@@ -44,10 +44,10 @@ from pathlib import Path
 import numpy as np
 
 from qat_tasks import storage, tracking
-from qat_tasks.calibration import is_non_english, load_manifest, load_split
+from qat_tasks.calibration import is_non_english, load_manifest, load_split, seeded_priority
 from qat_tasks.config import DriftConfig, PipelineConfig
 from qat_tasks.pii import scrub
-from qat_tasks.schema import parse_line
+from qat_tasks.traffic_log import iter_records
 
 log = logging.getLogger(__name__)
 
@@ -207,32 +207,24 @@ def sample_traffic(root: str, start: date, end: date, n: int, seed: int,
     stats: Counter = Counter()
     heap: list[tuple[int, str, dict]] = []
     members: set[str] = set()
-    for lf in storage.list_log_files(root, start, end, endpoint_url):
-        stats["files"] += 1
-        for raw in storage.open_lines(lf.uri, endpoint_url):
-            if not raw.strip():
-                continue
-            rec, _ = parse_line(raw)
-            if rec is None:
-                stats["invalid"] += 1
-                continue
-            if rec.event == "shadow_inference":
-                stats["shadow_skipped"] += 1
-                continue
-            stats["valid"] += 1
-            rid = rec.request_id
-            # A retry has the same id, hence the same priority: it is in the heap exactly when its twin is.
-            if rid in members:
-                stats["duplicate_requests"] += 1
-                continue
-            prio = int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8, key=key).digest(), "big")
-            item = (-prio, rid, {"text": scrub(rec.text), "non_english": is_non_english(rec.text, rec.locale)})
-            if len(heap) < n:
-                heapq.heappush(heap, item)
-                members.add(rid)
-            elif item > heap[0]:
-                members.discard(heapq.heapreplace(heap, item)[1])
-                members.add(rid)
+    for rec in iter_records(root, start, end, stats, endpoint_url):
+        if rec.event == "shadow_inference":
+            stats["shadow_skipped"] += 1
+            continue
+        stats["valid"] += 1
+        rid = rec.request_id
+        # A retry has the same id, hence the same priority: it is in the heap exactly when its twin is.
+        if rid in members:
+            stats["duplicate_requests"] += 1
+            continue
+        item = (-seeded_priority(key, rid), rid, {"text": scrub(rec.text),
+                                                  "non_english": is_non_english(rec.text, rec.locale)})
+        if len(heap) < n:
+            heapq.heappush(heap, item)
+            members.add(rid)
+        elif item > heap[0]:
+            members.discard(heapq.heapreplace(heap, item)[1])
+            members.add(rid)
     return [row for _, _, row in sorted(heap, reverse=True)], stats
 
 
@@ -288,7 +280,7 @@ def _reference_records(cfg: PipelineConfig, manifest: dict, calibration_uri: str
     endpoint = cfg.traffic.s3_endpoint_url
     split_rows = load_split(calibration_uri, "calibration", endpoint) + load_split(calibration_uri, "evaluation", endpoint)
     key = seed.to_bytes(8, "big", signed=True)
-    split_rows.sort(key=lambda r: hashlib.blake2b(r["request_id"].encode(), digest_size=8, key=key).digest())
+    split_rows.sort(key=lambda r: seeded_priority(key, r["request_id"]))
     rows = [{"text": r["text"], "non_english": r["language"] != "en"} for r in split_rows[:n]]
     return rows, {"kind": "calibration splits", "uri": calibration_uri,
                   "warning": "stratified and deduplicated: input and prediction features are biased"}

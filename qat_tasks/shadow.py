@@ -296,7 +296,7 @@ def act_on(cfg: PipelineConfig, model_name: str, verdict: dict, ctx: tracking.Ru
 def replay_records(cfg: PipelineConfig, start: date, end: date):
     """Logged requests of the window from evaluation conversations (never rows the models trained on), a seeded
     sample of at most shadow.replay_max_requests."""
-    from qat_tasks.calibration import _priority, split_of
+    from qat_tasks.calibration import seeded_priority, split_of
     from qat_tasks.traffic_log import read_records
 
     records, stats = read_records(cfg.traffic_source, datetime(start.year, start.month, start.day, tzinfo=UTC),
@@ -308,7 +308,7 @@ def replay_records(cfg: PipelineConfig, start: date, end: date):
         seen.add(r.request_id)
         chosen.append(r)
     key = cfg.calibration.seed.to_bytes(8, "big", signed=True)
-    chosen.sort(key=lambda r: _priority(key, r.request_id))
+    chosen.sort(key=lambda r: seeded_priority(key, r.request_id))
     chosen = sorted(chosen[: cfg.shadow.replay_max_requests], key=lambda r: r.timestamp)
     log.info("replaying %d logged requests of evaluation conversations from [%s, %s) (%d records read, %d invalid "
              "lines quarantined by the refresh)", len(chosen), start, end, len(records), stats.get("invalid", 0))

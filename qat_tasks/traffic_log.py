@@ -11,7 +11,8 @@ import os
 import socket
 import threading
 from collections import Counter, defaultdict
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from qat_tasks import storage
@@ -75,13 +76,10 @@ class LogWriter:
         self.flush()
 
 
-def read_records(root: str, start: datetime, end: datetime, endpoint_url: str | None = None,
-                 events: set[str] | None = None) -> tuple[list[InferenceRecord], Counter]:
-    """Valid records with timestamp in [start, end) (and event in `events`); invalid lines are counted."""
-    stats: Counter = Counter()
-    out = []
-    files = storage.list_log_files(root, start.date(), (end + timedelta(days=1)).date(), endpoint_url)
-    for lf in files:
+def iter_records(root: str, first_day: date, end_day: date, stats: Counter, endpoint_url: str | None = None
+                 ) -> Iterator[InferenceRecord]:
+    """Valid records of the dt= partitions in [first_day, end_day), streamed; files and invalid lines counted."""
+    for lf in storage.list_log_files(root, first_day, end_day, endpoint_url):
         stats["files"] += 1
         for raw in storage.open_lines(lf.uri, endpoint_url):
             if not raw.strip():
@@ -90,9 +88,18 @@ def read_records(root: str, start: datetime, end: datetime, endpoint_url: str | 
             if rec is None:
                 stats["invalid"] += 1
                 continue
-            if not (start <= rec.timestamp < end) or (events is not None and rec.event not in events):
-                stats["outside"] += 1
-                continue
-            stats["valid"] += 1
-            out.append(rec)
+            yield rec
+
+
+def read_records(root: str, start: datetime, end: datetime, endpoint_url: str | None = None,
+                 events: set[str] | None = None) -> tuple[list[InferenceRecord], Counter]:
+    """Valid records with timestamp in [start, end) (and event in `events`); invalid lines are counted."""
+    stats: Counter = Counter()
+    out = []
+    for rec in iter_records(root, start.date(), (end + timedelta(days=1)).date(), stats, endpoint_url):
+        if not (start <= rec.timestamp < end) or (events is not None and rec.event not in events):
+            stats["outside"] += 1
+            continue
+        stats["valid"] += 1
+        out.append(rec)
     return out, stats

@@ -68,10 +68,11 @@ def test_params_reject_bad_values(dagbag):
     params.get_param("window_start").resolve("2026-07-01")
 
 
-def test_parsing_imports_nothing_heavy(tiny_config_path):
+@pytest.mark.parametrize("dag_file", ["quarterly_recalibration.py", "drift_monitor.py", "shadow_review.py"])
+def test_parsing_imports_nothing_heavy(tiny_config_path, dag_file):
     code = ("import sys, runpy, json; runpy.run_path(sys.argv[1]); "
             "print(json.dumps(sorted(m for m in ('torch','transformers','mlflow','onnxruntime','pandas','boto3') "
             "if m in sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags" / "quarterly_recalibration.py")],
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags" / dag_file)],
                          capture_output=True, text=True, env=os.environ, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
