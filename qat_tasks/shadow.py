@@ -326,7 +326,7 @@ def shadow_challenger(cfg: PipelineConfig, decision: dict, window: dict, ctx: tr
     role = cfg.model(model_name).role
     if role not in SERVED_ROLES:
         return {"model": model_name, "outcome": f"v{version} stays @challenger: the serving component logs intents "
-                                                f"(traffic schema v1), so a {role} is not shadowed on live traffic"}
+                                                f"(traffic schema v1), so the {role.replace('_', ' ')} is not shadowed on live traffic"}
     deployed = deploy(cfg, model_name, version, ctx)
     if cfg.shadow.review == "live":
         return {"model": model_name, "outcome": f"v{version} in shadow since {deployed['deployed_at']}; the "
