@@ -176,6 +176,9 @@ def intent_models(traffic_dir, tmp_path_factory) -> dict:
     return {"hf": hf, "fp32": fp32, "int8": int8, "labels": list(INTENTS), "max_length": tc.max_length}
 
 
+FIXTURE_TEMPERATURE = 1.7
+
+
 @pytest.fixture()
 def intent_registry(intent_models, make_config, tmp_path) -> dict:
     """A fresh MLflow store (SQLite, this test's folder) holding intent-classifier v1 (FP32, @champion) and
@@ -204,7 +207,9 @@ def intent_registry(intent_models, make_config, tmp_path) -> dict:
             meta = {"labels": intent_models["labels"], "max_length": intent_models["max_length"],
                     "role": "intent_classifier", "pair": False, "precision": precision,
                     "calibration_version": "fixture", "source": "tiny-random://bert",
-                    **({"method": "ptq_dynamic"} if precision == "int8" else {})}
+                    # The FP32 package carries a fitted temperature (as the pipeline's do); the INT8 one is an
+                    # older package without one, which serves uncalibrated confidences.
+                    **({"method": "ptq_dynamic"} if precision == "int8" else {"temperature": FIXTURE_TEMPERATURE})}
             uri = registry.log_encoder(pkg / "hf", onnx, meta)
             versions[precision] = registry.register(
                 client, name, uri, f"fixture:{precision}", run.info.run_id,
@@ -214,7 +219,7 @@ def intent_registry(intent_models, make_config, tmp_path) -> dict:
     client.set_registered_model_alias(name, "challenger", versions["int8"])
     client.set_registered_model_alias(name, "shadow", versions["int8"])
     yield {"cfg": cfg, "client": client, "name": name, "champion": versions["fp32"], "shadow": versions["int8"],
-           "log_dir": tmp_path / "live-traffic"}
+           "log_dir": tmp_path / "live-traffic", "temperature": FIXTURE_TEMPERATURE}
     os.environ["MLFLOW_TRACKING_URI"] = saved_uri
     mlflow.set_tracking_uri(saved_uri)
     mlflow.set_registry_uri(saved_uri)
