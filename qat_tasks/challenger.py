@@ -313,8 +313,7 @@ def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, t
                                                     artifact_path=results[best]["onnx_artifact"], dst_path=str(tmp / "win")))
     meta = {**bench.meta, "precision": "int8", "method": best, "champion_version": champion["version"],
             "calibration_version": cal_version}
-    if "threshold" in results[best]["metrics"]:  # escalation detector: the INT8 model's own recall-tuned threshold
-        meta["threshold"] = results[best]["metrics"]["threshold"]
+    meta.update(role.packaged_settings(results[best]["metrics"]))  # its own temperature or threshold
     hf_dir = tmp / "package" / "hf"
     shutil.copytree(bench.paths["hf"], hf_dir)
     model_uri = registry.log_encoder(hf_dir, onnx, meta)

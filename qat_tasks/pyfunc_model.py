@@ -1,6 +1,7 @@
 """MLflow "model from code" for packaged encoders: MLflow stores this file with the model and runs it at
 load time instead of unpickling an object. Input: a DataFrame with a `text` column (and `text_pair`, the
-passage, for the reranker). Output per row: intent and confidence (intent classifier); label, p_frustrated
+passage, for the reranker). Output per row: intent and confidence, scaled by the packaged temperature as the
+serving component scales it (intent classifier); label, p_frustrated
 and escalate, the recall-tuned threshold applied (escalation detector); relevance score (reranker)."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class EncoderClassifierModel(PythonModel):
 
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
         self.role, self.threshold = meta.get("role", "intent_classifier"), meta.get("threshold")
+        self.temperature = float(meta.get("temperature", 1.0))
         tokenizer = AutoTokenizer.from_pretrained(context.artifacts["hf"])
         self.classifier = OnnxClassifier(Path(context.artifacts["onnx"]), tokenizer, meta["labels"], meta["max_length"])
 
@@ -40,6 +42,9 @@ class EncoderClassifierModel(PythonModel):
             escalate = p >= (self.threshold if self.threshold is not None else 0.5)
             return pd.DataFrame({"label": np.where(escalate, "frustrated", "calm"), "p_frustrated": p,
                                  "escalate": escalate})
+        from qat_tasks.metrics import softmax_t
+
+        probs = softmax_t(np.log(np.clip(probs, 1e-12, None)), self.temperature)
         return pd.DataFrame({"intent": [labels[i] for i in probs.argmax(1)], "confidence": probs.max(1)})
 
 

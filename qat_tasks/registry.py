@@ -131,8 +131,10 @@ def alias_version(client, name: str, alias: str):
         return None
 
 
-def download(name: str, alias_or_version: str, dest: Path) -> dict[str, Path]:
-    """Local paths of a packaged encoder version: hf folder, onnx file and meta."""
+def download(name: str, alias_or_version: str | int, dest: Path) -> dict[str, Path]:
+    """Local paths of a packaged encoder version (by alias, or by number, as MLflow's int or a string): hf folder,
+    onnx file and meta."""
+    alias_or_version = str(alias_or_version)
     ref = f"models:/{name}@{alias_or_version}" if not alias_or_version.isdigit() else f"models:/{name}/{alias_or_version}"
     root = Path(mlflow.artifacts.download_artifacts(ref, dst_path=str(dest)))
     art = root / "artifacts"

@@ -14,7 +14,7 @@ import numpy as np
 
 from qat_tasks import gates
 from qat_tasks.config import PipelineConfig
-from qat_tasks.metrics import ranking_metrics, recall_threshold, threshold_report
+from qat_tasks.metrics import fit_temperature, ranking_metrics, recall_threshold, threshold_report
 from qat_tasks.role_data import ESCALATION_LABELS, RERANK_LABELS
 from qat_tasks.schema import INTENTS
 
@@ -47,9 +47,14 @@ class IntentRole:
         return {}
 
     def serving_meta(self, tune_probs: Callable[[], np.ndarray], tune_y: np.ndarray) -> dict:
-        """What the served package needs beyond its labels, from held-out probabilities (computed on demand):
-        nothing for argmax and ranking roles."""
-        return {}
+        """What the served package needs beyond its labels, from held-out probabilities (computed on demand): the
+        temperature that calibrates its confidences, fitted as the evaluation fits it (so the confidences the
+        service logs are the ones the offline `ece_after_ts` gate judged)."""
+        return {"temperature": fit_temperature(np.log(np.clip(tune_probs(), 1e-12, None)), tune_y)}
+
+    def packaged_settings(self, metrics: dict) -> dict:
+        """The same settings for an evaluated candidate, from its evaluation report."""
+        return {"temperature": metrics["temperature"]}
 
     def gates(self, cand: dict, champ: dict, parity_ok: bool, agreement: float, min_agreement: float):
         return gates.encoder_gates(cand, champ, self.gate_config, parity_ok, agreement, min_agreement)
@@ -86,7 +91,11 @@ class EscalationRole(IntentRole):
         return recall_threshold(tune_probs[:, pos], tune_y == pos, self.mcfg.data.target_recall)
 
     def serving_meta(self, tune_probs, tune_y) -> dict:
+        """The recall-tuned threshold; no temperature: the threshold is tuned on the raw probabilities."""
         return {"threshold": self.threshold(tune_probs(), tune_y)}
+
+    def packaged_settings(self, metrics: dict) -> dict:
+        return {"threshold": metrics["threshold"]}  # the INT8 model's own recall-tuned threshold
 
     def extra_metrics(self, probs, y, rows, tune_probs, tune_y) -> dict:
         """Recall, precision and alarm rate at the threshold tuned on held-out rows for the target recall."""
@@ -122,6 +131,12 @@ class RerankerRole(IntentRole):
 
     def labelled_fraction(self, rows: list[dict]) -> float:
         return 1.0  # the relevant passage is known by construction
+
+    def serving_meta(self, tune_probs, tune_y) -> dict:
+        return {}  # a ranking: only the order of scores matters
+
+    def packaged_settings(self, metrics: dict) -> dict:
+        return {}
 
     def extra_metrics(self, probs, y, rows, tune_probs, tune_y) -> dict:
         # Relevance score = log-odds of "relevant": the ranking a softmax head implies, without saturation.

@@ -1,6 +1,7 @@
 """The quarterly DAG end to end with Airflow's dag.test(): temporary SQLite Airflow DB, temporary SQLite
 MLflow store, generated traffic, tiny random-initialised encoder. Then the retry guarantees."""
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -59,12 +60,19 @@ def _champion_versions(client) -> list:
             if v.tags.get("method") == "fp32"]
 
 
-def test_champion_is_registered_with_lineage(dag_run, mlflow_client):
+def test_champion_is_registered_with_lineage(dag_run, mlflow_client, tmp_path):
     name = "mangaassist-intent-classifier"
     assert len(_champion_versions(mlflow_client)) == 1
     champ = mlflow_client.get_model_version_by_alias(name, "champion")
     assert champ.tags["method"] == "fp32" and champ.tags["airflow.run_id"] == dag_run.run_id
     assert champ.tags["calibration_version"].startswith("20260701-20260715-")
+    # The package carries the temperature the evaluation fits on the same held-out rows: what the service serves
+    # is what the offline ECE-after-scaling gate judged.
+    from qat_tasks import registry
+
+    meta = json.loads(registry.download(name, champ.version, tmp_path / "champ")["meta"].read_text())
+    evaluated = _of(dag_run, "evaluate_champion", "intent-classifier")["metrics"]["temperature"]
+    assert meta["temperature"] == pytest.approx(evaluated, rel=1e-3) and meta["temperature"] > 0
 
 
 def test_mlflow_holds_runs_datasets_metrics_and_plots(dag_run, mlflow_client):
@@ -191,12 +199,12 @@ def test_int8_decision_is_logged_with_gates_and_plots(dag_run, mlflow_client):
                                                                  f"v{decision['registered_version']} as @challenger")
 
 
-def test_challenger_registered_once_when_gates_pass(dag_run, mlflow_client, tiny_config):
+def test_challenger_registered_once_when_gates_pass(dag_run, mlflow_client, tiny_config, tmp_path):
     """With gates every candidate passes, the best is registered as @challenger, with lineage, exactly once."""
     import mlflow.pyfunc
     import pandas as pd
 
-    from qat_tasks import pipeline
+    from qat_tasks import pipeline, registry
 
     (run,) = _xcom(dag_run, "plan")
     (cal,) = _xcom(dag_run, "refresh_calibration")
@@ -217,6 +225,9 @@ def test_challenger_registered_once_when_gates_pass(dag_run, mlflow_client, tiny
     assert str(mv.version) == first["registered_version"]
     assert mv.tags["champion_version"] == champion["version"] and mv.tags["method"] == first["method"]
     assert mv.tags["calibration_version"] == cal["version"]
+    assert mv.tags["gates.offline"] == "passed"
+    meta = json.loads(registry.download(name, mv.version, tmp_path / "chal")["meta"].read_text())
+    assert meta["temperature"] == pytest.approx(first["metrics"]["temperature"])  # the INT8 model's own
     out = mlflow.pyfunc.load_model(f"models:/{name}@challenger").predict(pd.DataFrame({"text": ["hi", "refund pls"]}))
     assert len(out) == 2
 
