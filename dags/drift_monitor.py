@@ -22,7 +22,7 @@ Without a window a manual run checks the last `drift.window_days` days before it
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
@@ -41,8 +41,7 @@ RECALIBRATION_DAG = "quarterly_recalibration"
     catchup=False,
     max_active_runs=1,
     tags=["mangaassist", "quantization", "drift"],
-    default_args={"owner": "mlops", "retries": 2, "retry_delay": timedelta(minutes=1),
-                  "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=15)},
+    default_args=CONFIG.scheduling.task_defaults(),  # retries with exponential backoff (config)
     params={
         "reason": Param("daily drift check", type="string", minLength=3, maxLength=500,
                         description="Why this run happens (kept on every MLflow run it makes)."),

@@ -32,8 +32,7 @@ MODEL_NAMES = [m.name for m in CONFIG.models]
     catchup=False,
     max_active_runs=1,
     tags=["mangaassist", "quantization", "calibration"],
-    default_args={"owner": "mlops", "retries": 2, "retry_delay": timedelta(minutes=1),
-                  "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=15)},
+    default_args=CONFIG.scheduling.task_defaults(),  # retries with exponential backoff (config)
     params={
         "reason": Param("scheduled quarterly recalibration", type="string", minLength=3, maxLength=500,
                         description="Why this run happens (kept on every MLflow run it makes)."),

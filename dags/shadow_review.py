@@ -10,7 +10,7 @@ evidence is still short. Every review is an MLflow run in the model's experiment
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
 
@@ -27,8 +27,7 @@ SERVED = [m.name for m in CONFIG.models if m.role == "intent_classifier"]
     catchup=False,
     max_active_runs=1,
     tags=["mangaassist", "shadow", "promotion"],
-    default_args={"owner": "mlops", "retries": 2, "retry_delay": timedelta(minutes=1),
-                  "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=15)},
+    default_args=CONFIG.scheduling.task_defaults(),  # retries with exponential backoff (config)
     params={"reason": Param("daily shadow review", type="string", minLength=3, maxLength=500,
                             description="Why this review runs (kept on its MLflow runs and any promotion).")},
     doc_md=__doc__,

@@ -360,12 +360,32 @@ class GatesConfig(Strict):
     llm: LlmGates = LlmGates()
 
 
+class RetriesConfig(Strict):
+    """Transient S3 and MLflow-server errors: tries per request and exponential backoff (qat_tasks.resilience)."""
+
+    attempts: int = Field(default=5, ge=1, le=20)
+    backoff_s: int = Field(default=1, ge=0, le=60)  # first wait, doubling; whole seconds (MLflow's client)
+    max_backoff_s: float = Field(default=30.0, gt=0, le=600)
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)  # one HTTP request's connect / read timeout
+
+
 class SchedulingConfig(Strict):
     """Where the LLM's tasks run: production sends them to Celery queue `gpu` and a one-slot pool, so one
     quantization holds the GPU at a time (create it: airflow pools set llm_gpu 1 "4-bit LLM quantization")."""
 
     llm_queue: str = "default"
     llm_pool: str = "default_pool"
+    # Airflow's retries of a failed task, with exponential delay from retry_delay_s up to max_retry_delay_s.
+    task_retries: int = Field(default=2, ge=0, le=10)
+    retry_delay_s: float = Field(default=60.0, ge=0)
+    max_retry_delay_s: float = Field(default=900.0, ge=0)
+
+    def task_defaults(self) -> dict:
+        """The DAGs' default_args: every task retried with exponential backoff."""
+        from datetime import timedelta
+
+        return {"owner": "mlops", "retries": self.task_retries, "retry_delay": timedelta(seconds=self.retry_delay_s),
+                "retry_exponential_backoff": True, "max_retry_delay": timedelta(seconds=self.max_retry_delay_s)}
 
 
 class GpuInstance(Strict):
@@ -463,6 +483,7 @@ class PipelineConfig(Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     gates: GatesConfig = GatesConfig()
     scheduling: SchedulingConfig = SchedulingConfig()
+    retries: RetriesConfig = RetriesConfig()
     memory_budget: MemoryBudgetConfig = MemoryBudgetConfig()
     serving: ServingConfig = ServingConfig()
     shadow: ShadowConfig = ShadowConfig()

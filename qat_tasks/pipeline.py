@@ -10,6 +10,7 @@ import logging
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 
+from qat_tasks import resilience
 from qat_tasks.config import ConfigError, PipelineConfig
 from qat_tasks.tracking import RunContext
 
@@ -96,7 +97,14 @@ def refresh_stage(cfg: PipelineConfig, run: dict, progress: bool = True) -> dict
     from qat_tasks.calibration import refresh_tracked
 
     w = run["window"]
-    return refresh_tracked(cfg, date.fromisoformat(w["start"]), date.fromisoformat(w["end"]), _ctx(run), progress)
+    try:
+        return refresh_tracked(cfg, date.fromisoformat(w["start"]), date.fromisoformat(w["end"]), _ctx(run),
+                               progress)
+    except Exception as exc:
+        explained = resilience.explain(exc, "calibration refresh")
+        if explained is exc:
+            raise
+        raise explained from exc
 
 
 def champion_stage(cfg: PipelineConfig, run: dict, calibration: dict, model_name: str) -> dict:
@@ -139,12 +147,16 @@ def shadow_stage(cfg: PipelineConfig, run: dict, calibration: dict, decision: di
 
 @contextmanager
 def _marks_parent_failed(cfg: PipelineConfig, run: dict, model_name: str, calibration: dict):
-    """A stage that raises marks this DAG run's parent run of the model FAILED, then re-raises."""
+    """A stage that raises marks this DAG run's parent run of the model FAILED, then re-raises (an outage of
+    S3 or the MLflow server as one clear ServiceUnavailableError)."""
     try:
         yield
-    except Exception:
+    except Exception as exc:
         _fail_parent(cfg, run, model_name, calibration)
-        raise
+        explained = resilience.explain(exc, model_name)
+        if explained is exc:
+            raise
+        raise explained from exc
 
 
 def _fail_parent(cfg: PipelineConfig, run: dict, model_name: str, calibration: dict) -> None:

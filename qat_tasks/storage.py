@@ -6,6 +6,7 @@ Layout of logged traffic:  <root>/dt=YYYY-MM-DD/<any name>.jsonl[.gz]
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import re
 import shutil
@@ -41,12 +42,14 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def s3_client(endpoint_url: str | None = None):
+    """A boto3 S3 client with the retry policy of qat_tasks.resilience (standard mode: throttling, 5xx and
+    connection errors are retried with exponential backoff)."""
     import boto3
-    from botocore.config import Config
+
+    from qat_tasks import resilience
 
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    # Standard retry mode backs off on throttling and transient 5xx errors.
-    return boto3.client("s3", endpoint_url=endpoint_url, config=Config(retries={"max_attempts": 8, "mode": "standard"}))
+    return boto3.client("s3", endpoint_url=endpoint_url, config=resilience.boto_config())
 
 
 @dataclass(frozen=True)
@@ -87,13 +90,13 @@ def list_log_files(root: str, start: date, end: date, endpoint_url: str | None =
 def open_lines(uri: str, endpoint_url: str | None = None) -> Iterator[bytes]:
     """Stream the lines of a plain or gzip JSONL file (local or s3) without loading it whole."""
     if is_s3(uri):
+        from qat_tasks.resilience import ResumableBody
+
         bucket, key = split_s3(uri)
-        body = s3_client(endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]  # a streaming file object
+        body = ResumableBody(s3_client(endpoint_url), bucket, key)  # streamed; a broken read resumes in place
         try:
-            if uri.endswith(".gz"):
-                yield from gzip.GzipFile(fileobj=body)
-            else:
-                yield from body.iter_lines(chunk_size=1 << 20, keepends=True)
+            reader = io.BufferedReader(body, buffer_size=1 << 20)
+            yield from (gzip.GzipFile(fileobj=reader) if uri.endswith(".gz") else reader)
         finally:
             body.close()
         return

@@ -43,11 +43,14 @@ class RunContext:
 
 
 def configure(cfg: PipelineConfig):
-    """Point MLflow at the configured store and return a client."""
+    """Point MLflow at the configured store, with the configured retry policy, and return a client."""
     import mlflow
     from mlflow import MlflowClient
 
+    from qat_tasks import resilience
+
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    resilience.configure(**cfg.retries.model_dump())  # MLflow's HTTP retries and the S3 clients made from now on
     uri = cfg.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
