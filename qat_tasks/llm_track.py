@@ -418,13 +418,18 @@ def log_memory_budget(cfg: PipelineConfig, ctx, calibration: dict, evaluations: 
         local = llm_model.resolve_llm(cfg, cfg.model(d["model"]).source)
         shape = mb.LlamaShape.from_config(json.loads((local / "config.json").read_text()))
     report = mb.stack_report(cfg.memory_budget, models, shape)
+    for line in report["markdown"].splitlines():
+        log.info(line)
     exp_id = tracking.ensure_experiment(cfg, "memory-budget")
     key = f"{ctx.run_id}:memory-budget"
+    cached = tracking.cached_result(exp_id, key)
+    if cached is not None:  # a rerun of this DAG run: the budget is already logged, with the same figures
+        return cached
+    result = {"summary": report["summary"], **report["metrics"],
+              "models": [{"name": m["name"], "precision": m["precision"], "mb": m["bytes"] / 1e6} for m in models]}
     with tracking.stage_run(exp_id, key, "memory budget", {**ctx.tags(), "calibration.version": calibration["version"]}):
         mlflow.log_text(report["markdown"], "memory_budget.md")
         mlflow.log_dict(report["data"], "memory_budget.json")
         mlflow.log_metrics({k: float(v) for k, v in report["metrics"].items()})
-    for line in report["markdown"].splitlines():
-        log.info(line)
-    return {"summary": report["summary"], **report["metrics"],
-            "models": [{"name": m["name"], "precision": m["precision"], "mb": m["bytes"] / 1e6} for m in models]}
+        tracking.set_result(result)
+    return result
