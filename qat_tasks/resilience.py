@@ -157,11 +157,11 @@ def explain(exc: BaseException, stage: str) -> BaseException:
     service = unavailable(exc)
     if service is None:
         return exc
-    p = _policy
+    p, cause = _policy, str(exc)[:300].rstrip(".")
     err = ServiceUnavailableError(
         f"{stage}: {service} did not answer after {p.attempts} tries with backoff (up to {p.max_backoff_s:g} s "
-        f"between tries): {type(exc).__name__}: {str(exc)[:300]}. Nothing this stage finished is lost: once "
-        f"the service is back, clear the task (Airflow retries it by itself first) and it reuses that work.")
+        f"between tries): {type(exc).__name__}: {cause}. Nothing this stage finished is lost: once the service "
+        f"is back, clear the task (Airflow retries it by itself first) and it reuses that work.")
     err.__cause__ = exc
     return err
 

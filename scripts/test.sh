@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# The test suite: unit tests, DAG integrity, bad-input tests and an end-to-end dag.test() run
-# on tiny random-initialised models. Extra arguments go to pytest.
+# The test suite: unit tests, DAG integrity, bad-input tests, an end-to-end dag.test() run on tiny
+# random-initialised models, and the integration tests against real PostgreSQL, S3 (moto's server) and MLflow
+# server processes. Extra arguments go to pytest.
 . "$(dirname "$0")/_env.sh"
+# PostgreSQL server binaries (Debian's postgresql) for tests/test_production_stack.py; installed once.
+if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  echo "==> installing PostgreSQL (Debian package postgresql) for the integration tests"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+fi
 python -m ruff check qat_tasks dags plugins tests bench
 exec python -m pytest "$@"
