@@ -125,5 +125,7 @@ def mlflow_server(backend_uri: str, artifacts: str, s3_endpoint: str, log: Path)
     port = free_port()
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts, "--serve-artifacts"]
-    return Server("mlflow", cmd, f"http://127.0.0.1:{port}", "/health",
-                  {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_DISABLE_TELEMETRY": "true"}, log, timeout=180)
+    # No server-side job runner (GenAI evaluation jobs; about ten huey worker processes): nothing here uses it.
+    env = {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return Server("mlflow", cmd, f"http://127.0.0.1:{port}", "/health", env, log, timeout=180)

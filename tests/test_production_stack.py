@@ -33,9 +33,16 @@ INTENT_ONLY = {"models": ["intent-classifier"]}
 
 class Stack:
     def __init__(self, root: Path):
+        self.root, self.pg, self.s3, self.mlflow, self.proxy = root, None, None, None, None
+        try:
+            self._start(root)
+        except BaseException:
+            self.close()  # no server left running behind a failed start
+            raise
+
+    def _start(self, root: Path) -> None:
         import boto3
 
-        self.root = root
         self.pg = Postgres(root / "postgres")
         self.airflow_db = self.pg.create_database("airflow", "airflow-test-pw")
         mlflow_db = self.pg.create_database("mlflow", "mlflow-test-pw")
@@ -110,11 +117,12 @@ class Stack:
         return int(self.pg.sql(f"SELECT count(*) FROM {table}", db="mlflow"))
 
     def close(self) -> None:
-        self.proxy.close()
-        self.mlflow.stop()
-        self.s3.stop()
-        self.pg.stop()
-        self.pg.remove()
+        for part in (self.proxy, self.mlflow, self.s3):
+            if part is not None:
+                part.close() if part is self.proxy else part.stop()
+        if self.pg is not None:
+            self.pg.stop()
+            self.pg.remove()
 
 
 @pytest.fixture(scope="module")
