@@ -9,5 +9,7 @@ if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bi
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
 fi
+# Docker Compose v2 (a CLI plugin in the venv) for the compose-file test; no engine is needed for `config`.
+"$ROOT/scripts/install_compose.sh" "$VENV"
 python -m ruff check qat_tasks dags plugins tests bench
 exec python -m pytest "$@"
