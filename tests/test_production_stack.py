@@ -109,7 +109,8 @@ class Stack:
     def registry(self) -> dict[str, list[str]]:
         from mlflow import MlflowClient
 
-        client = MlflowClient(self.mlflow.url)
+        # Both URIs: a client's registry otherwise follows mlflow.get_registry_uri(), this session's SQLite store.
+        client = MlflowClient(tracking_uri=self.mlflow.url, registry_uri=self.mlflow.url)
         return {m.name: sorted(str(v.version) for v in client.search_model_versions(f"name = '{m.name}'"))
                 for m in client.search_registered_models()}
 
@@ -205,7 +206,7 @@ def test_mlflow_server_stopped_mid_run_fails_clearly_and_the_rerun_loses_nothing
     # What finished before the outage was reused: no second calibration or champion run for this DAG run.
     from mlflow import MlflowClient
 
-    client = MlflowClient(stack.mlflow.url)
+    client = MlflowClient(tracking_uri=stack.mlflow.url, registry_uri=stack.mlflow.url)
     exps = [e.experiment_id for e in client.search_experiments()]
     mine = client.search_runs(exps, filter_string=f"tags.`airflow.run_id` LIKE '%{date}%'", max_results=1000)
     keys = Counter(r.data.tags.get("qat.run_key") for r in mine if r.data.tags.get("qat.run_key"))
