@@ -54,9 +54,9 @@ def main() -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     import torch
 
-    from qat_tasks.calibration import refresh
-    from qat_tasks.config import load_config
-    from qat_tasks.tracking import RunContext, configure
+    from qat_tasks.core.config import load_config
+    from qat_tasks.core.tracking import RunContext, configure
+    from qat_tasks.data.refresh import refresh
 
     cfg = load_config(args.config)
     configure(cfg)
@@ -74,11 +74,11 @@ def bench_model(cfg, model_name: str, calibration_uri: str, ctx, args, tmp: Path
     import numpy as np
     import torch
 
-    from qat_tasks import ptq, qat
-    from qat_tasks.challenger import Workbench
-    from qat_tasks.champion import ensure_champion
-    from qat_tasks.evaluation import evaluate_classifier
-    from qat_tasks.modeling import OnnxClassifier, inputs_of, softmax, throughput, tokenize
+    from qat_tasks.encoders.champion import ensure_champion
+    from qat_tasks.encoders.evaluation import evaluate_classifier
+    from qat_tasks.encoders.int8 import ptq, qat
+    from qat_tasks.encoders.int8.track import Workbench
+    from qat_tasks.encoders.modeling import OnnxClassifier, inputs_of, softmax, throughput, tokenize
 
     t0 = time.time()
     mcfg = cfg.model(model_name)

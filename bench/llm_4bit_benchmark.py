@@ -5,7 +5,7 @@
 
 Self-contained: refreshes calibration data from the bundled traffic sample, dequantises the stand-in model
 once (state folder in a temporary directory unless --state), then quantizes each variant exactly as the DAG
-does (qat_tasks.llm_quantize) and judges it exactly as the DAG does (qat_tasks.llm_track.evaluate): perplexity
+does (qat_tasks.llm.quantize) and judges it exactly as the DAG does (qat_tasks.llm.track.evaluate): perplexity
 on held-out Wikipedia/news text (gensim's test data) and on held-out MangaAssist conversations, intent-routing
 accuracy, size on disk, quantization wall time and peak RSS. Every variant sees bitwise the same windows.
 
@@ -49,10 +49,14 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qat_tasks import llm_eval, llm_model, llm_quantize
-    from qat_tasks.calibration import refresh
-    from qat_tasks.config import LlmCandidate, load_config
-    from qat_tasks.llm_track import evaluate, load_data, quant_spec
+    from qat_tasks.core import resources
+    from qat_tasks.core.config import load_config
+    from qat_tasks.core.config_sections import LlmCandidate
+    from qat_tasks.data.refresh import refresh
+    from qat_tasks.llm import checkpoint
+    from qat_tasks.llm import model as llm_model
+    from qat_tasks.llm import quantize as llm_quantize
+    from qat_tasks.llm.track import evaluate, load_data, quant_spec
 
     cfg = load_config(args.config)
     mcfg = cfg.model(args.model)
@@ -77,7 +81,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     res = evaluate(model, tokenizer, data, tc)
     del model
-    rows.append({"variant": "unquantized (fp32)", **res["metrics"], "size_mb": llm_eval.dir_size_bytes(base_dir) / 1e6,
+    rows.append({"variant": "unquantized (fp32)", **res["metrics"], "size_mb": resources.dir_size_bytes(base_dir) / 1e6,
                  "quant_wall_s": 0.0, "peak_rss_mb": float("nan"), "rss_growth_mb": float("nan")})
     print(f"  unquantized measured in {time.perf_counter() - t0:.0f} s", flush=True)
     for variant in args.variants:
@@ -89,10 +93,10 @@ def main() -> None:
         cand = LlmCandidate(method=method, calibration=calib or "none")
         texts = {"domain": data.domain_calibration, "generic": data.generic_calibration, "none": []}[cand.calibration]
         out = tmp / "variants" / f"{variant}-g{vtc.group_size}"
-        with llm_eval.RssSampler() as rss:
+        with resources.RssSampler() as rss:
             q = llm_quantize.quantize(base_dir, quant_spec(vtc, cand, num_layers), texts, out / "checkpoint",
                                       work_dir=out / "chunks")
-        model, qtok = llm_quantize.load_quantized(q.output_dir)
+        model, qtok = checkpoint.load_quantized(q.output_dir)
         res = evaluate(model, qtok, data, tc)
         del model
         rows.append({"variant": f"{variant} (g{vtc.group_size})", **res["metrics"], "size_mb": q.size_bytes / 1e6,

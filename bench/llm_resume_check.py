@@ -3,7 +3,7 @@
     .venv/bin/python bench/llm_resume_check.py                        # GPTQ on the demo's SmolLM2-135M
     .venv/bin/python bench/llm_resume_check.py --method awq --kill-after 1 --chunk-layers 10
 
-Three processes, each quantizing the real stand-in model exactly as the DAG does (qat_tasks.llm_quantize):
+Three processes, each quantizing the real stand-in model exactly as the DAG does (qat_tasks.llm.quantize):
   1. killed with SIGKILL (no cleanup, like an OOM kill or a lost spot node) as soon as `--kill-after` chunks
      of decoder blocks are on disk;
   2. the same call again, which resumes from those chunks and finishes;
@@ -30,16 +30,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def child(args) -> None:
-    from qat_tasks import llm_eval, llm_model, llm_quantize
-    from qat_tasks.config import LlmCandidate, load_config
-    from qat_tasks.llm_track import quant_spec
+    from qat_tasks.core.config import load_config
+    from qat_tasks.core.config_sections import LlmCandidate
+    from qat_tasks.llm import corpora
+    from qat_tasks.llm import model as llm_model
+    from qat_tasks.llm import quantize as llm_quantize
+    from qat_tasks.llm.track import quant_spec
 
     cfg = load_config(args.config)
     mcfg = cfg.model(args.model)
     tc = mcfg.llm_track.model_copy(update={"chunk_layers": args.chunk_layers})
     base = llm_model.resolve_llm(cfg, mcfg.source)
     n_layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
-    texts = llm_eval.generic_texts()["calibration"][: tc.calibration_samples]
+    texts = corpora.generic_texts()["calibration"][: tc.calibration_samples]
     spec = quant_spec(tc, LlmCandidate(method=args.method, calibration="generic"), n_layers)
 
     def maybe_die(k: int, total: int) -> None:

@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qat_tasks import storage  # noqa: E402
-from qat_tasks.calibration import refresh  # noqa: E402
-from qat_tasks.config import load_config, parse_config  # noqa: E402
-from qat_tasks.pii import scrub  # noqa: E402
-from qat_tasks.schema import parse_line  # noqa: E402
-from qat_tasks.traffic import generate  # noqa: E402
+from qat_tasks.core import storage  # noqa: E402
+from qat_tasks.core.config import load_config, parse_config  # noqa: E402
+from qat_tasks.core.schema import parse_line  # noqa: E402
+from qat_tasks.data.pii import scrub  # noqa: E402
+from qat_tasks.data.refresh import refresh
+from qat_tasks.synthetic.generator import generate  # noqa: E402
 
 START = date(2026, 7, 1)
 

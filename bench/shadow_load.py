@@ -43,10 +43,12 @@ def build_registry(root: Path) -> Path:
     import mlflow
     import yaml
 
-    from qat_tasks import ort_quant, registry, tracking
-    from qat_tasks.config import DEFAULT_CONFIG, parse_config
-    from qat_tasks.modeling import build_classifier, export_onnx
-    from qat_tasks.schema import INTENTS
+    from qat_tasks.core import registry, tracking
+    from qat_tasks.core.config import DEFAULT_CONFIG, parse_config
+    from qat_tasks.core.schema import INTENTS
+    from qat_tasks.encoders import packaging
+    from qat_tasks.encoders.int8 import ort_quant
+    from qat_tasks.encoders.modeling import build_classifier, export_onnx
 
     data = yaml.safe_load(DEFAULT_CONFIG.read_text())
     data.update({"state_dir": str(root / "state"), "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"}})
@@ -66,7 +68,7 @@ def build_registry(root: Path) -> Path:
         with mlflow.start_run(experiment_id=exp, run_name=f"bench {precision}") as run:
             meta = {"labels": list(INTENTS), "max_length": MAX_LENGTH, "role": "intent_classifier",
                     "precision": precision}
-            uri = registry.log_encoder(hf, onnx, meta)
+            uri = packaging.log_encoder(hf, onnx, meta)
             version = registry.register(client, name, uri, f"bench:{precision}", run.info.run_id, {}, "bench")
         client.set_registered_model_alias(name, alias, version)
     path = root / "bench.yaml"
@@ -78,8 +80,8 @@ def sample_texts(n: int) -> list[str]:
     """The first n valid requests of the bundled traffic sample, in log order."""
     from datetime import date
 
-    from qat_tasks.schema import parse_line
-    from qat_tasks.storage import list_log_files, open_lines
+    from qat_tasks.core.schema import parse_line
+    from qat_tasks.core.storage import list_log_files, open_lines
 
     out: list[str] = []
     for lf in list_log_files(str(ROOT / "data" / "traffic_sample"), date.min, date.max):
@@ -210,7 +212,7 @@ def champion_ms(log_dir: Path, since: float) -> dict[str, list[float]]:
     from the service's log records, by mode."""
     from datetime import UTC, datetime, timedelta
 
-    from qat_tasks.traffic_log import read_records
+    from qat_tasks.data.traffic_log import read_records
 
     start = datetime.fromtimestamp(since, UTC)
     records, _ = read_records(str(log_dir), start, datetime.now(UTC) + timedelta(minutes=1))

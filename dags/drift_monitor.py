@@ -2,7 +2,7 @@
 
 At 02:00 UTC it compares the previous day's logged traffic with the statistics stored when each champion was
 calibrated (activations after LayerNorm and in the feed-forward GELU, input lengths, [UNK] share, language,
-predictions; PSI and KS per feature, see qat_tasks/drift.py), logs one MLflow run per model ("drift check
+predictions; PSI and KS per feature, see qat_tasks/monitoring/drift.py), logs one MLflow run per model ("drift check
 <day>", stage drift-check, in the model's experiment) and, when a model has drifted, triggers
 `quarterly_recalibration` with the reason, the drifted models and a window ending with the checked traffic.
 One recalibration is requested per drift state (model, champion version, calibration version): a drift that
@@ -27,7 +27,8 @@ from datetime import datetime
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
 
-from qat_tasks.config import load_config
+from qat_tasks.core.config import load_config
+from qat_tasks.core.params import MAX_REASON_CHARS, MIN_REASON_CHARS
 
 CONFIG = load_config(os.environ.get("QAT_CONFIG"))  # pydantic + yaml only: cheap, and a broken config is an import error
 RECALIBRATION_DAG = "quarterly_recalibration"
@@ -43,7 +44,7 @@ RECALIBRATION_DAG = "quarterly_recalibration"
     tags=["mangaassist", "quantization", "drift"],
     default_args=CONFIG.scheduling.task_defaults(),  # retries with exponential backoff (config)
     params={
-        "reason": Param("daily drift check", type="string", minLength=3, maxLength=500,
+        "reason": Param("daily drift check", type="string", minLength=MIN_REASON_CHARS, maxLength=MAX_REASON_CHARS,
                         description="Why this run happens (kept on every MLflow run it makes)."),
         "models": Param([], type="array", items={"type": "string", "enum": CONFIG.drift_models}, uniqueItems=True,
                         description="Subset of the monitored models; empty means all."),
@@ -62,7 +63,7 @@ def drift_monitor():
     @task(multiple_outputs=False)
     def plan(**context) -> dict:
         """Validate the parameters and fix the traffic window and the models to check."""
-        from qat_tasks.drift import plan_check
+        from qat_tasks.monitoring.drift import plan_check
 
         dr = context["dag_run"]
         return plan_check(CONFIG, context["params"], dag_id=dr.dag_id, run_id=dr.run_id, run_type=str(dr.run_type),
@@ -74,8 +75,8 @@ def drift_monitor():
         """Compare the window's traffic with each champion's calibration-time statistics; log to MLflow."""
         from datetime import date
 
-        from qat_tasks.drift import monitor
-        from qat_tasks.tracking import RunContext
+        from qat_tasks.core.tracking import RunContext
+        from qat_tasks.monitoring.drift import monitor
 
         w = run["window"]
         return monitor(CONFIG, date.fromisoformat(w["start"]), date.fromisoformat(w["end"]), RunContext(**run["ctx"]),
@@ -84,7 +85,7 @@ def drift_monitor():
     @task.short_circuit(multiple_outputs=False)
     def recalibration_request(run: dict, result: dict) -> dict | None:
         """The recalibration's conf when something drifted and drift.trigger is on; else skip the trigger."""
-        from qat_tasks.drift import recalibration_request
+        from qat_tasks.monitoring.drift import recalibration_request
 
         return recalibration_request(CONFIG, run, result)
 

@@ -18,7 +18,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
 
-from qat_tasks.config import load_config
+from qat_tasks.core.config import load_config
+from qat_tasks.core.params import MAX_REASON_CHARS, MIN_REASON_CHARS
 
 CONFIG = load_config(os.environ.get("QAT_CONFIG"))  # pydantic + yaml only: cheap, and a broken config is an import error
 MODEL_NAMES = [m.name for m in CONFIG.models]
@@ -34,7 +35,7 @@ MODEL_NAMES = [m.name for m in CONFIG.models]
     tags=["mangaassist", "quantization", "calibration"],
     default_args=CONFIG.scheduling.task_defaults(),  # retries with exponential backoff (config)
     params={
-        "reason": Param("scheduled quarterly recalibration", type="string", minLength=3, maxLength=500,
+        "reason": Param("scheduled quarterly recalibration", type="string", minLength=MIN_REASON_CHARS, maxLength=MAX_REASON_CHARS,
                         description="Why this run happens (kept on every MLflow run it makes)."),
         "triggered_by": Param("manual", type="string", enum=["manual", "drift"],
                               description="Who asked, for runs that are not scheduled."),

@@ -14,7 +14,8 @@ from datetime import datetime
 
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
 
-from qat_tasks.config import load_config
+from qat_tasks.core.config import load_config
+from qat_tasks.core.params import MAX_REASON_CHARS, MIN_REASON_CHARS
 
 CONFIG = load_config(os.environ.get("QAT_CONFIG"))
 SERVED = [m.name for m in CONFIG.models if m.role == "intent_classifier"]
@@ -28,7 +29,7 @@ SERVED = [m.name for m in CONFIG.models if m.role == "intent_classifier"]
     max_active_runs=1,
     tags=["mangaassist", "shadow", "promotion"],
     default_args=CONFIG.scheduling.task_defaults(),  # retries with exponential backoff (config)
-    params={"reason": Param("daily shadow review", type="string", minLength=3, maxLength=500,
+    params={"reason": Param("daily shadow review", type="string", minLength=MIN_REASON_CHARS, maxLength=MAX_REASON_CHARS,
                             description="Why this review runs (kept on its MLflow runs and any promotion).")},
     doc_md=__doc__,
 )
@@ -40,8 +41,8 @@ def shadow_review():
     @task(multiple_outputs=False, map_index_template="{{ model_name }}")
     def review(model_name: str, **context) -> dict:
         """Review @shadow on the live logs once its window has passed, then promote, retire or wait."""
-        from qat_tasks.shadow import review_live
-        from qat_tasks.tracking import RunContext
+        from qat_tasks.core.tracking import RunContext
+        from qat_tasks.promotion.shadow import review_live
 
         dr = context["dag_run"]
         ctx = RunContext(dag_id=dr.dag_id, run_id=dr.run_id, reason=context["params"]["reason"],

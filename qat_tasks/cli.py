@@ -23,7 +23,8 @@ import sys
 import uuid
 from datetime import UTC, date, datetime
 
-from qat_tasks.config import ConfigError, load_config
+from qat_tasks.core.config import ConfigError, load_config
+from qat_tasks.core.params import MIN_REASON_CHARS
 
 
 def _date(s: str) -> date:
@@ -45,37 +46,38 @@ def _plan(args, cfg) -> dict:
 
 def _operate(args, cfg) -> int:
     """Review, promotion, rollback and drift checks by hand: each one an MLflow run like the DAGs' own."""
-    from qat_tasks import shadow
-    from qat_tasks.tracking import RunContext
+    from qat_tasks.core.tracking import RunContext
+    from qat_tasks.promotion import release, shadow
+    from qat_tasks.serving import replay
 
-    if len(args.reason.strip()) < 3:
-        raise ValueError("--reason: say why (at least 3 characters)")
+    if len(args.reason.strip()) < MIN_REASON_CHARS:
+        raise ValueError(f"--reason: say why (at least {MIN_REASON_CHARS} characters)")
     if getattr(args, "model", None) is not None:
         cfg.model(args.model)  # an unknown name is an error that lists the known ones
     ctx = RunContext(dag_id=f"cli-{args.command}", run_id=f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}__"
                      f"{uuid.uuid4().hex[:6]}", reason=args.reason.strip(), trigger="manual")
     if args.command == "promote":
-        result = shadow.promote(cfg, args.model, ctx, args.version)
+        result = release.promote(cfg, args.model, ctx, args.version)
     elif args.command == "rollback":
-        result = shadow.rollback(cfg, args.model, ctx)
+        result = release.rollback(cfg, args.model, ctx)
     elif args.command == "drift-check":
         from datetime import timedelta
 
-        from qat_tasks.drift import monitor
+        from qat_tasks.monitoring.drift import monitor
 
         end = args.end or datetime.now(UTC).date()
         result = monitor(cfg, end - timedelta(days=args.days or cfg.drift.window_days), end, ctx)
     elif args.replay:
         if not (args.start and args.end):
             raise ValueError("--replay needs --start and --end (the window of logged traffic to replay)")
-        from qat_tasks import registry, tracking
+        from qat_tasks.core import registry, tracking
 
         version = registry.alias_version(tracking.configure(cfg), tracking.registered_name(cfg, args.model),
-                                         shadow.SHADOW)
+                                         registry.SHADOW)
         if version is None:
             raise ValueError(f"{args.model} has no @shadow to review")
         replay_cfg = cfg.model_copy(update={"shadow": cfg.shadow.model_copy(update={"review": "replay"})})
-        result = shadow.shadow_challenger(replay_cfg, {"model": args.model, "registered_version": str(version.version)},
+        result = replay.shadow_challenger(replay_cfg, {"model": args.model, "registered_version": str(version.version)},
                                           {"start": args.start.isoformat(), "end": args.end.isoformat()}, ctx)
     else:
         result = shadow.review_live(cfg, args.model, ctx)
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corrupt-rate", type=float, default=0.0, help="fraction of lines to corrupt (tests, demos)")
     p.add_argument("--files-per-day", type=int, default=1)
     p.add_argument("--plain", action="store_true", help="write .jsonl instead of .jsonl.gz")
-    p.add_argument("--drift", help="a drift profile, e.g. catalogue_launch (qat_tasks.traffic.PROFILES)")
+    p.add_argument("--drift", help="a drift profile, e.g. catalogue_launch (qat_tasks.synthetic.generator.PROFILES)")
 
     for name, help_ in (("refresh", "refresh calibration data for a window"),
                         ("run", "the whole quarterly run: refresh, champion, evaluation, INT8 challenger, 4-bit LLM")):
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"error {exc}", file=sys.stderr)
             return 1 if bad else 0
         if args.command == "generate-traffic":
-            from qat_tasks.traffic import generate
+            from qat_tasks.synthetic.generator import generate
 
             stats = generate(args.out, args.start, args.end, args.per_day, seed=args.seed, compress=not args.plain,
                              corrupt_rate=args.corrupt_rate, files_per_day=args.files_per_day, progress=True,
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(args.config)
         if args.command == "serve":
-            from qat_tasks.serving import serve
+            from qat_tasks.serving.app import serve
 
             serve(cfg, args.model, host=args.host, port=args.port, mirror=not args.no_mirror)
             return 0

@@ -14,7 +14,7 @@ python - "$DEMO" <<'PY'
 import sys
 from pathlib import Path
 import yaml
-from qat_tasks.config import DEFAULT_CONFIG, PROJECT_ROOT
+from qat_tasks.core.config import DEFAULT_CONFIG, PROJECT_ROOT
 demo = Path(sys.argv[1])
 data = yaml.safe_load(DEFAULT_CONFIG.read_text())
 data["traffic"]["source"] = str(demo / "traffic")   # one place: what the service logs is what calibration reads

@@ -71,7 +71,7 @@ def tiny_config_dict(traffic: str) -> dict:
 
 @pytest.fixture(scope="session")
 def traffic_dir() -> Path:
-    from qat_tasks.traffic import generate
+    from qat_tasks.synthetic.generator import generate
 
     out = _SESSION / "traffic"
     generate(str(out), *WINDOW, records_per_day=250, seed=11, corrupt_rate=0.005)
@@ -87,7 +87,7 @@ def tiny_config_path(traffic_dir) -> Path:
 
 @pytest.fixture()
 def tiny_config(tiny_config_path):
-    from qat_tasks.config import load_config
+    from qat_tasks.core.config import load_config
 
     return load_config(tiny_config_path)
 
@@ -95,7 +95,7 @@ def tiny_config(tiny_config_path):
 @pytest.fixture()
 def make_config(traffic_dir, tmp_path):
     """A tiny config with overrides, its state in this test's own folder."""
-    from qat_tasks.config import parse_config
+    from qat_tasks.core.config import parse_config
 
     def make(traffic: str | None = None, **sections):
         data = tiny_config_dict(traffic or str(traffic_dir))
@@ -146,12 +146,13 @@ def intent_models(traffic_dir, tmp_path_factory) -> dict:
     the FP32 ONNX graph and a dynamic-INT8 graph of it (built once per session; registries are per test)."""
     from transformers import set_seed
 
-    from qat_tasks import ort_quant
-    from qat_tasks.champion import train_classifier
-    from qat_tasks.config import TrainingConfig, parse_config
-    from qat_tasks.modeling import build_classifier, export_onnx
-    from qat_tasks.schema import INTENTS, parse_line
-    from qat_tasks.storage import open_lines
+    from qat_tasks.core.config import parse_config
+    from qat_tasks.core.config_sections import TrainingConfig
+    from qat_tasks.core.schema import INTENTS, parse_line
+    from qat_tasks.core.storage import open_lines
+    from qat_tasks.encoders.int8 import ort_quant
+    from qat_tasks.encoders.modeling import build_classifier, export_onnx
+    from qat_tasks.encoders.training import train_classifier
 
     cfg = parse_config(tiny_config_dict(str(traffic_dir)), "test-config")
     rows = []
@@ -185,7 +186,8 @@ def intent_registry(intent_models, make_config, tmp_path) -> dict:
     v2 (dynamic INT8, @challenger and @shadow), registered the way the pipeline registers them."""
     import mlflow
 
-    from qat_tasks import registry, tracking
+    from qat_tasks.core import registry, tracking
+    from qat_tasks.encoders import packaging
 
     # mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI: put the session's store back afterwards, or every
     # later test whose config leaves tracking.uri empty would use this test's registry.
@@ -210,7 +212,7 @@ def intent_registry(intent_models, make_config, tmp_path) -> dict:
                     # The FP32 package carries a fitted temperature (as the pipeline's do); the INT8 one is an
                     # older package without one, which serves uncalibrated confidences.
                     **({"method": "ptq_dynamic"} if precision == "int8" else {"temperature": FIXTURE_TEMPERATURE})}
-            uri = registry.log_encoder(pkg / "hf", onnx, meta)
+            uri = packaging.log_encoder(pkg / "hf", onnx, meta)
             versions[precision] = registry.register(
                 client, name, uri, f"fixture:{precision}", run.info.run_id,
                 {"calibration_version": "fixture", "method": precision,

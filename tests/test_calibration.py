@@ -6,20 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from qat_tasks import storage
-from qat_tasks.calibration import (
-    SPLITS,
+from qat_tasks.core import storage
+from qat_tasks.core.schema import INTENTS
+from qat_tasks.data.calibration_set import (
     EmptyWindowError,
     IntentCoverageError,
     InvalidTrafficError,
     RefreshError,
-    allocate,
     load_split,
-    normalize,
-    refresh,
 )
-from qat_tasks.schema import INTENTS
-from qat_tasks.traffic import generate
+from qat_tasks.data.refresh import allocate, refresh
+from qat_tasks.data.sampling import SPLITS, normalize
+from qat_tasks.synthetic.generator import generate
 
 from .conftest import WINDOW
 
@@ -165,7 +163,7 @@ def test_allocate_respects_floor_and_total():
 
 
 def test_refresh_from_s3_gzip_and_plain(make_config, s3_endpoint):
-    from qat_tasks.storage import s3_client
+    from qat_tasks.core.storage import s3_client
 
     s3_client(s3_endpoint).create_bucket(Bucket="logs")
     window = (date(2026, 7, 1), date(2026, 7, 3))
@@ -188,8 +186,8 @@ def test_a_failed_refresh_can_be_rerun_after_fixing_the_config(make_config, tmp_
     """The failed attempt stays in MLflow as evidence; the rerun of the same DAG run gets its own run."""
     from mlflow import MlflowClient
 
-    from qat_tasks.calibration import refresh_tracked
-    from qat_tasks.tracking import RunContext
+    from qat_tasks.core.tracking import RunContext
+    from qat_tasks.data.refresh_run import refresh_tracked
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     src = tmp_path / "noisy"

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qat_tasks.config import ConfigError, load_config, parse_config
+from qat_tasks.core.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

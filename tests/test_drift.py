@@ -17,7 +17,7 @@ NEXT = timedelta(days=1)
 
 
 def test_psi_and_ks_on_known_distributions():
-    from qat_tasks.drift import ks, psi, psi_categorical
+    from qat_tasks.monitoring.distances import ks, psi, psi_categorical
 
     rng = np.random.default_rng(0)
     ref, same, shifted = rng.normal(0, 1, 5000), rng.normal(0, 1, 5000), rng.normal(1, 1, 5000)
@@ -42,7 +42,7 @@ def test_psi_and_ks_on_known_distributions():
 
 
 def test_unknown_drift_profile_is_named():
-    from qat_tasks.traffic import TrafficGenerator
+    from qat_tasks.synthetic.generator import TrafficGenerator
 
     with pytest.raises(ValueError, match="catalogue_launch"):
         TrafficGenerator(drift="black_friday")
@@ -52,8 +52,8 @@ def test_unknown_drift_profile_is_named():
 def monitored(intent_registry):
     """The fixture's FP32 champion with a real calibration version (refreshed from the session's traffic), an
     undrifted day and a catalogue-launch day of traffic in the service's log folder."""
-    from qat_tasks.calibration import refresh
-    from qat_tasks.traffic import generate
+    from qat_tasks.data.refresh import refresh
+    from qat_tasks.synthetic.generator import generate
 
     cfg = intent_registry["cfg"]
     cal = refresh(cfg, *WINDOW, progress=False)
@@ -66,16 +66,18 @@ def monitored(intent_registry):
 
 
 def test_reference_is_stored_at_calibration_time_and_read_back(monitored, monkeypatch):
-    from qat_tasks import drift, storage, tracking
-    from qat_tasks.evaluation import evaluate_champion
+    from qat_tasks import pipeline
+    from qat_tasks.core import storage, tracking
+    from qat_tasks.monitoring import reference, statistics
 
     cfg, cal = monitored["cfg"], monitored["calibration"]
     # The quarterly run's champion evaluation stores it and names it on its MLflow run
     ctx = tracking.RunContext("quarterly_recalibration", "test-eval", "test: reference", "test")
     champion = {"model": "intent-classifier", "registered_model": monitored["name"], "version": monitored["champion"],
                 "parent_run_id": tracking.model_parent_run(cfg, "intent-classifier", ctx, cal.version)}
-    evaluation = evaluate_champion(cfg, "intent-classifier", cal.uri, champion, ctx)
-    ref = drift.load_reference(cfg, "intent-classifier", cal.version)
+    run = {"ctx": ctx.to_dict(), "window": {}, "models": ["intent-classifier"]}
+    evaluation = pipeline.evaluate_stage(cfg, run, {"uri": cal.uri, "version": cal.version}, champion)
+    ref = reference.load_reference(cfg, "intent-classifier", cal.version)
     assert monitored["client"].get_run(evaluation["run_id"]).data.tags["drift.reference"] == ref["uri"]
     assert ref["uri"] == storage.join(cfg.calibration_store, "drift-reference", "intent-classifier",
                                       f"{cal.version}.json")
@@ -94,35 +96,35 @@ def test_reference_is_stored_at_calibration_time_and_read_back(monitored, monkey
     assert len(feats["chars"]["edges"]) <= cfg.drift.bins - 1 and "edges" not in feats["predicted_label"]
     assert 0.02 < feats["non_english"]["values"].count("yes") / ref["rows"] < 0.12
     # Stored once: a retried evaluation reads it back instead of recomputing
-    monkeypatch.setattr(drift, "text_statistics", lambda *a, **k: pytest.fail("recomputed an existing reference"))
-    again = drift.store_reference(cfg, "intent-classifier", monitored["champion"], cal.uri)
-    assert again == drift.load_reference(cfg, "intent-classifier", cal.version) == ref
+    monkeypatch.setattr(statistics, "text_statistics", lambda *a, **k: pytest.fail("recomputed an existing reference"))
+    again = reference.store_reference(cfg, "intent-classifier", monitored["champion"], cal.uri)
+    assert again == reference.load_reference(cfg, "intent-classifier", cal.version) == ref
     # An INT8 version carries the FP32 folder it was quantized from: same weights, same reference
     with tempfile.TemporaryDirectory() as tmp:
-        int8 = drift._download(cfg, "intent-classifier", monitored["shadow"], Path(tmp))
-        assert drift._reference_for(cfg, "intent-classifier", int8, cal.version)["uri"] == ref["uri"]
+        int8 = reference._download(cfg, "intent-classifier", monitored["shadow"], Path(tmp))
+        assert reference._reference_for(cfg, "intent-classifier", int8, cal.version)["uri"] == ref["uri"]
         # Other weights get a reference of their own: their activations are not comparable with these
         monkeypatch.undo()
-        other = drift._reference_for(cfg, "intent-classifier", {**int8, "digest": "0" * 64}, cal.version)
+        other = reference._reference_for(cfg, "intent-classifier", {**int8, "digest": "0" * 64}, cal.version)
     assert other["uri"].endswith(f"{cal.version}.000000000000.json") and other["weights_sha256"] == "0" * 64
 
 
 def test_monitor_stays_quiet_on_an_undrifted_day_and_flags_a_catalogue_launch(monitored):
     import mlflow
 
-    from qat_tasks import drift
-    from qat_tasks.tracking import RunContext
+    from qat_tasks.core.tracking import RunContext
+    from qat_tasks.monitoring import drift, reference
 
     cfg, client = monitored["cfg"], monitored["client"]
     ctx = RunContext("drift_monitor", "test-stable", "test: undrifted day", "test")
     # No reference yet (the champion predates the monitor): the monitor computes and stores it itself
-    assert drift.load_reference(cfg, "intent-classifier", monitored["calibration"].version) is None
+    assert reference.load_reference(cfg, "intent-classifier", monitored["calibration"].version) is None
     stable = drift.monitor(cfg, STABLE_DAY, STABLE_DAY + NEXT, ctx)
     ic = stable["models"]["intent-classifier"]
     assert ic["verdict"] == "stable" and stable["drifted"] == [] and stable["reason"] is None
     assert ic["drift_score"] < cfg.drift.psi_threshold and stable["invalid_lines"] > 0
     assert stable["models"]["escalation-detector"]["verdict"] == "skipped"  # no champion registered
-    assert drift.load_reference(cfg, "intent-classifier", monitored["calibration"].version) is not None
+    assert reference.load_reference(cfg, "intent-classifier", monitored["calibration"].version) is not None
     assert drift.monitor(cfg, STABLE_DAY, STABLE_DAY + NEXT, ctx) == stable  # a retry logs nothing new
 
     drifted = drift.monitor(cfg, DRIFT_DAY, DRIFT_DAY + NEXT, RunContext("drift_monitor", "test-drift", "t", "test"))
@@ -235,9 +237,9 @@ def test_dag_shape_and_params(tiny_config_path):
 
 
 def test_plan_windows():
-    from qat_tasks.config import load_config
-    from qat_tasks.drift import plan_check
-    from qat_tasks.pipeline import ParamError
+    from qat_tasks.core.config import load_config
+    from qat_tasks.core.params import ParamError
+    from qat_tasks.monitoring.drift import plan_check
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     kw = {"dag_id": "drift_monitor", "run_id": "r", "reference": datetime(2026, 10, 1, 2, tzinfo=UTC)}

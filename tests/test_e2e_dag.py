@@ -26,8 +26,8 @@ def dag_run(airflow_db, tiny_config_path):
 
 @pytest.fixture(scope="module")
 def mlflow_client(tiny_config_path):
-    from qat_tasks.config import load_config
-    from qat_tasks.tracking import configure
+    from qat_tasks.core.config import load_config
+    from qat_tasks.core.tracking import configure
 
     return configure(load_config(tiny_config_path))
 
@@ -68,7 +68,7 @@ def test_champion_is_registered_with_lineage(dag_run, mlflow_client, tmp_path):
     assert champ.tags["calibration_version"].startswith("20260701-20260715-")
     # The package carries the temperature the evaluation fits on the same held-out rows: what the service serves
     # is what the offline ECE-after-scaling gate judged.
-    from qat_tasks import registry
+    from qat_tasks.core import registry
 
     meta = json.loads(registry.download(name, champ.version, tmp_path / "champ")["meta"].read_text())
     evaluated = _of(dag_run, "evaluate_champion", "intent-classifier")["metrics"]["temperature"]
@@ -204,7 +204,8 @@ def test_challenger_registered_once_when_gates_pass(dag_run, mlflow_client, tiny
     import mlflow.pyfunc
     import pandas as pd
 
-    from qat_tasks import pipeline, registry
+    from qat_tasks import pipeline
+    from qat_tasks.core import registry
 
     (run,) = _xcom(dag_run, "plan")
     (cal,) = _xcom(dag_run, "refresh_calibration")
@@ -235,8 +236,8 @@ def test_challenger_registered_once_when_gates_pass(dag_run, mlflow_client, tiny
 def test_sensitivity_and_fp32_fallback_on_the_tiny_champion(dag_run, tmp_path, tiny_config):
     import onnx
 
-    from qat_tasks import ort_quant, sensitivity
-    from qat_tasks.challenger import Workbench
+    from qat_tasks.encoders.int8 import ort_quant, sensitivity
+    from qat_tasks.encoders.int8.track import Workbench
 
     (cal,) = _xcom(dag_run, "refresh_calibration")
     champion = _of(dag_run, "ensure_champion")
@@ -284,8 +285,8 @@ def test_qat_static_keeps_the_activation_ranges_qat_learned(dag_run, tmp_path, t
     import onnx
     from onnx import numpy_helper
 
-    from qat_tasks import qat
-    from qat_tasks.challenger import Workbench
+    from qat_tasks.encoders.int8 import qat
+    from qat_tasks.encoders.int8.track import Workbench
 
     (cal,) = _xcom(dag_run, "refresh_calibration")
     champion = _of(dag_run, "ensure_champion")
@@ -376,7 +377,7 @@ def test_reranker_track_ranks_twenty_candidates(dag_run, mlflow_client, tmp_path
     import onnx
     import pandas as pd
 
-    from qat_tasks import registry
+    from qat_tasks.core import registry
 
     name = "mangaassist-reranker"
     evaluation = _of(dag_run, "evaluate_champion", "reranker")
@@ -468,8 +469,8 @@ def test_report_carries_the_memory_budget(dag_run, mlflow_client):
 def test_memory_budget_of_a_partial_run_reads_the_other_models_from_the_registry(dag_run, tiny_config):
     """A run that touched no model (say, a drift run for one encoder) still budgets the whole stack: the
     others count with what their aliases serve."""
-    from qat_tasks.llm_track import log_memory_budget
-    from qat_tasks.tracking import RunContext
+    from qat_tasks.core.tracking import RunContext
+    from qat_tasks.reporting.run_report import log_memory_budget
 
     (cal,) = _xcom(dag_run, "refresh_calibration")
     out = log_memory_budget(tiny_config, RunContext("t", "budget-only", "budget", "test"), cal, [], [], [])

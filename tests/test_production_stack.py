@@ -63,7 +63,7 @@ class Stack:
         data["retries"] = {"attempts": 3, "backoff_s": 1, "max_backoff_s": 2, "timeout_s": 30}
         data["scheduling"] = {**data.get("scheduling", {}), "task_retries": 0}
         self.config.write_text(yaml.safe_dump(data))
-        from qat_tasks.traffic import generate
+        from qat_tasks.synthetic.generator import generate
 
         generate(f"s3://{LOGS}/inference", *WINDOW, records_per_day=250, seed=11, corrupt_rate=0.005,
                  endpoint_url=self.s3.url)

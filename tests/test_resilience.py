@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from qat_tasks import resilience, storage
+from qat_tasks.core import resilience, storage
 
 from .faults import FaultyProxy
 

@@ -6,8 +6,9 @@ import tarfile
 
 import pytest
 
-from qat_tasks import public_data, role_data
-from qat_tasks.config import ConfigError, parse_config
+from qat_tasks.core.config import ConfigError, parse_config
+from qat_tasks.data import public_data
+from qat_tasks.data import role_splits as role_data
 
 from .conftest import tiny_config_dict
 
@@ -60,7 +61,7 @@ def test_chitchat_conversations_are_the_real_dataset(tiny_config):
 
 @pytest.fixture(scope="module")
 def calibration_uri(traffic_dir, tmp_path_factory):
-    from qat_tasks.calibration import refresh
+    from qat_tasks.data.refresh import refresh
 
     from .conftest import WINDOW
 

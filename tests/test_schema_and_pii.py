@@ -3,8 +3,8 @@ from collections import Counter
 
 import pytest
 
-from qat_tasks.pii import scrub
-from qat_tasks.schema import parse_line, reason_category
+from qat_tasks.core.schema import parse_line, reason_category
+from qat_tasks.data.pii import scrub
 
 GOOD = {"schema_version": 1, "event": "quantized_inference", "request_id": "r-1", "conversation_id": "c-1", "turn": 0,
         "timestamp": "2026-07-01T10:00:00.000Z", "model": "intent-distilbert-int8-v02", "runtime": "onnxruntime",

@@ -14,8 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from qat_tasks import storage
-from qat_tasks.schema import parse_line
+from qat_tasks.core import storage
+from qat_tasks.core.schema import parse_line
 
 MODEL = "intent-classifier"
 TEXTS = ["where is my order #12345", "do you have One Piece volume 3", "recommend something like Berserk",
@@ -27,7 +27,7 @@ TEXTS = ["where is my order #12345", "do you have One Piece volume 3", "recommen
 def running(service):
     """The real uvicorn server on 127.0.0.1 (ephemeral port) in a thread, and an HTTP client for it; stopping the
     server runs the app's shutdown, which flushes the logs."""
-    from qat_tasks.serving import make_server
+    from qat_tasks.serving.app import make_server
 
     server, sock, url = make_server(service, "127.0.0.1", 0)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -77,9 +77,9 @@ def with_serving(cfg, **changes):
 def test_champion_answers_and_both_records_are_logged_in_the_traffic_schema(intent_registry, intent_models):
     from transformers import AutoTokenizer
 
-    from qat_tasks.modeling import OnnxClassifier, softmax
-    from qat_tasks.serving import Service
-    from qat_tasks.traffic_log import read_records
+    from qat_tasks.data.traffic_log import read_records
+    from qat_tasks.encoders.modeling import OnnxClassifier, softmax
+    from qat_tasks.serving.service import Service
 
     reg = intent_registry
     direct = OnnxClassifier(intent_models["fp32"], AutoTokenizer.from_pretrained(intent_models["hf"]),
@@ -134,8 +134,8 @@ def test_champion_answers_and_both_records_are_logged_in_the_traffic_schema(inte
 
 
 def test_a_failing_or_hanging_shadow_never_affects_the_champion(intent_registry, monkeypatch):
-    from qat_tasks import serving
-    from qat_tasks.serving import Service
+    from qat_tasks.serving import executor
+    from qat_tasks.serving.service import Service
 
     hang_s = 2.0
     service = Service(with_serving(intent_registry["cfg"], shadow_timeout_ms=300.0), MODEL)
@@ -180,7 +180,7 @@ def test_a_failing_or_hanging_shadow_never_affects_the_champion(intent_registry,
         monkeypatch.setattr(shadow, "predict", lambda texts: time.sleep(hang_s) or real_predict(texts))
         wait_for(lambda: service.mirror.stuck() == 0, 2 * hang_s, "the earlier hung calls to return")
         same_as_baseline(TEXTS * 2)
-        cap = serving.MAX_STUCK_CALLS
+        cap = executor.MAX_STUCK_CALLS
         wait_for(lambda: shadow_counts(service)["timeouts"] == 2 + cap, 20, "hung calls up to the cap")
         wait_for(lambda: shadow_counts(service)["dropped"] == 2 * len(TEXTS) - cap, 20, "the rest dropped")
         assert client.get("/health").json()["shadow_state"].startswith("stalled")
@@ -196,8 +196,8 @@ def test_a_failing_or_hanging_shadow_never_affects_the_champion(intent_registry,
 
 
 def test_bad_input_mirroring_switch_and_alias_reload(intent_registry):
-    from qat_tasks.serving import Service
-    from qat_tasks.traffic_log import read_records
+    from qat_tasks.data.traffic_log import read_records
+    from qat_tasks.serving.service import Service
 
     reg = intent_registry
     client_ml, name = reg["client"], reg["name"]
@@ -247,8 +247,8 @@ def test_bad_input_mirroring_switch_and_alias_reload(intent_registry):
 
 
 def test_replay_sends_logged_traffic_through_both_and_keeps_reviewed_labels(intent_registry, traffic_dir, tmp_path):
-    from qat_tasks.serving import replay
-    from qat_tasks.traffic_log import read_records
+    from qat_tasks.data.traffic_log import read_records
+    from qat_tasks.serving.replay import replay
     from tests.conftest import WINDOW
 
     reg = intent_registry
@@ -275,7 +275,8 @@ def test_replay_sends_logged_traffic_through_both_and_keeps_reviewed_labels(inte
 
 
 def test_only_intent_classifiers_are_served(make_config):
-    from qat_tasks.serving import Service, ServingError
+    from qat_tasks.serving.models import ServingError
+    from qat_tasks.serving.service import Service
 
     with pytest.raises(ServingError, match="traffic schema v1 records intents"):
         Service(make_config(), "escalation-detector")
@@ -289,7 +290,7 @@ def _record(ts: datetime, **changes) -> dict:
 
 
 def test_log_writer_partitions_by_day_refuses_invalid_records_and_reader_counts_bad_lines(tmp_path):
-    from qat_tasks.traffic_log import LogWriter, read_records
+    from qat_tasks.data.traffic_log import LogWriter, read_records
 
     day1 = datetime(2026, 7, 1, 23, 59, 59, tzinfo=UTC)
     writer = LogWriter(str(tmp_path), flush_records=100, flush_seconds=60)
@@ -320,8 +321,8 @@ def test_log_writer_partitions_by_day_refuses_invalid_records_and_reader_counts_
 def test_log_storage_down_keeps_answering_and_loses_no_record(intent_registry, tmp_path):
     """The log folder cannot be written (a file stands where it should be): requests are still answered, flushes
     fail and are counted, the records wait in memory, and all of them are written once storage is back."""
-    from qat_tasks.serving import Service
-    from qat_tasks.traffic_log import read_records
+    from qat_tasks.data.traffic_log import read_records
+    from qat_tasks.serving.service import Service
 
     blocked = tmp_path / "logs"
     blocked.write_text("not a folder")
@@ -343,7 +344,7 @@ def test_log_storage_down_keeps_answering_and_loses_no_record(intent_registry, t
 
 def test_log_writer_bounds_its_memory_while_storage_is_down(tmp_path):
     """Past max_buffered the oldest records are dropped, counted, never silently."""
-    from qat_tasks.traffic_log import LogWriter
+    from qat_tasks.data.traffic_log import LogWriter
 
     blocked = tmp_path / "logs"
     blocked.write_text("not a folder")

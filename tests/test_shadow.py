@@ -9,9 +9,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from qat_tasks import registry, shadow
-from qat_tasks.schema import INTENTS, InferenceRecord
-from qat_tasks.tracking import RunContext
+from qat_tasks.core import registry
+from qat_tasks.core.schema import INTENTS, InferenceRecord
+from qat_tasks.core.tracking import RunContext
+from qat_tasks.promotion import release, shadow
+from qat_tasks.serving import replay
 
 
 def ctx(run_id: str, reason: str = "test") -> RunContext:
@@ -60,18 +62,18 @@ def test_passing_review_promotes_and_rollback_restores(intent_registry):
     arts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=verdict["run_id"])}
     assert {"gates.json", "plots"} <= arts
 
-    promoted = shadow.promote(cfg, "intent-classifier", ctx("p1", "shadow review passed"))
+    promoted = release.promote(cfg, "intent-classifier", ctx("p1", "shadow review passed"))
     assert aliases(intent_registry) == {"champion": "2", "previous": "1"}
-    assert shadow.promote(cfg, "intent-classifier", ctx("p1")) == promoted  # a retried task does it once
+    assert release.promote(cfg, "intent-classifier", ctx("p1")) == promoted  # a retried task does it once
 
-    back = shadow.rollback(cfg, "intent-classifier", ctx("rb1", "P95 regression on the new hosts"))
+    back = release.rollback(cfg, "intent-classifier", ctx("rb1", "P95 regression on the new hosts"))
     assert back["champion_version"] == "1" and back["demoted_version"] == "2"
     assert aliases(intent_registry) == {"champion": "1"}
     assert intent_registry["client"].get_model_version(name, "2").tags["rolled_back"] == "P95 regression on the new hosts"
-    with pytest.raises(shadow.PromotionError, match="no @previous"):
-        shadow.rollback(cfg, "intent-classifier", ctx("rb2"))
+    with pytest.raises(release.PromotionError, match="no @previous"):
+        release.rollback(cfg, "intent-classifier", ctx("rb2"))
     # Reviewed against v1, and v1 is champion again: the old verdict still holds, so it may be promoted again...
-    shadow.promote(cfg, "intent-classifier", ctx("p2"), version="2")
+    release.promote(cfg, "intent-classifier", ctx("p2"), version="2")
     assert aliases(intent_registry)["champion"] == "2"
 
 
@@ -80,8 +82,8 @@ def test_failing_review_refuses_promotion_and_retires_the_shadow(intent_registry
     verdict = shadow.review(cfg, "intent-classifier", mirrored(name, 400, disagree=0.2), ctx("r2"), "test traffic")
     assert verdict["verdict"] == "failed"
     assert "agreement" in verdict["failed_gates"] and "accuracy" in verdict["failed_gates"]
-    with pytest.raises(shadow.PromotionError, match="shadow review says 'failed'"):
-        shadow.promote(cfg, "intent-classifier", ctx("p3"))
+    with pytest.raises(release.PromotionError, match="shadow review says 'failed'"):
+        release.promote(cfg, "intent-classifier", ctx("p3"))
     acted = shadow.act_on(cfg, "intent-classifier", verdict, ctx("a3"))
     assert "taken out of shadow" in acted["action"]
     assert aliases(intent_registry) == {"champion": "1", "challenger": "2"}
@@ -99,19 +101,19 @@ def test_too_little_evidence_decides_nothing(intent_registry):
     assert verdict["verdict"] == "insufficient_evidence"
     assert "150 mirrored requests < 200" in verdict["why"] and "reviewed labels" in verdict["why"]
     assert shadow.act_on(cfg, "intent-classifier", verdict, ctx("a4"))["action"] == "still in shadow"
-    with pytest.raises(shadow.PromotionError, match="insufficient_evidence"):
-        shadow.promote(cfg, "intent-classifier", ctx("p4"))
+    with pytest.raises(release.PromotionError, match="insufficient_evidence"):
+        release.promote(cfg, "intent-classifier", ctx("p4"))
     assert aliases(intent_registry)["champion"] == "1"
 
 
 def test_only_versions_that_passed_offline_gates_go_anywhere(intent_registry):
     cfg, name, client = intent_registry["cfg"], intent_registry["name"], intent_registry["client"]
-    with pytest.raises(shadow.PromotionError, match="offline gates"):
+    with pytest.raises(release.PromotionError, match="offline gates"):
         shadow.deploy(cfg, "intent-classifier", "1", ctx("d1"))  # the bootstrapped FP32 champion
     assert shadow.review(cfg, "intent-classifier", mirrored(name, 400), ctx("r5"), "test")["verdict"] == "passed"
     client.delete_model_version_tag(name, "2", "gates.offline")  # registered by hand, outside the pipeline
-    with pytest.raises(shadow.PromotionError, match="offline gates"):
-        shadow.promote(cfg, "intent-classifier", ctx("p5"))
+    with pytest.raises(release.PromotionError, match="offline gates"):
+        release.promote(cfg, "intent-classifier", ctx("p5"))
     assert aliases(intent_registry)["champion"] == "1"
 
 
@@ -119,8 +121,8 @@ def test_a_review_against_an_older_champion_does_not_count(intent_registry):
     cfg, name, client = intent_registry["cfg"], intent_registry["name"], intent_registry["client"]
     assert shadow.review(cfg, "intent-classifier", mirrored(name, 400), ctx("r6"), "test")["verdict"] == "passed"
     client.set_model_version_tag(name, "2", "shadow.review_champion", "7")  # reviewed against another champion
-    with pytest.raises(shadow.PromotionError, match="review it again"):
-        shadow.promote(cfg, "intent-classifier", ctx("p6"))
+    with pytest.raises(release.PromotionError, match="review it again"):
+        release.promote(cfg, "intent-classifier", ctx("p6"))
 
 
 def _with(cfg, shadow_updates: dict, lenient_quality: bool):
@@ -135,15 +137,15 @@ def _with(cfg, shadow_updates: dict, lenient_quality: bool):
 def test_quarterly_step_replays_logged_traffic_reviews_and_promotes(intent_registry):
     """The DAG's shadow_and_promote step in replay mode: logged traffic of evaluation conversations goes through
     the real ONNX Runtime champion and shadow, the paired records are reviewed, and a pass promotes."""
-    from qat_tasks.calibration import split_of
-    from qat_tasks.traffic_log import read_records
+    from qat_tasks.data.sampling import split_of
+    from qat_tasks.data.traffic_log import read_records
 
     from .conftest import WINDOW
 
     cfg = _with(intent_registry["cfg"], {"review": "replay", "replay_max_requests": 300, "min_agreement": 0.5,
                                          "max_p95_ratio": 100.0, "min_reviewed_labels": 30}, lenient_quality=True)
     window = {"start": WINDOW[0].isoformat(), "end": WINDOW[1].isoformat()}
-    out = shadow.shadow_challenger(cfg, {"model": "intent-classifier", "registered_version": "2"}, window,
+    out = replay.shadow_challenger(cfg, {"model": "intent-classifier", "registered_version": "2"}, window,
                                    ctx("q1", "quarterly"))
     assert out["outcome"] == "passed" and out["mirrored"] == 300 and out["answered"] == 300, out
     assert out["reviewed"] >= 30 and out["action"].startswith("promoted v2")
@@ -155,7 +157,7 @@ def test_quarterly_step_replays_logged_traffic_reviews_and_promotes(intent_regis
     assert {split_of(cfg, r.conversation_id) for r in replayed} == {"evaluation"}
     assert {r.event for r in replayed} == {"inference", "shadow_inference"}
     # A retried task reviews nothing twice and promotes nothing twice.
-    again = shadow.shadow_challenger(cfg, {"model": "intent-classifier", "registered_version": "2"}, window,
+    again = replay.shadow_challenger(cfg, {"model": "intent-classifier", "registered_version": "2"}, window,
                                      ctx("q1", "quarterly"))
     assert again["run_id"] == out["run_id"] and aliases(intent_registry)["champion"] == "2"
 
@@ -165,7 +167,7 @@ def test_quarterly_step_does_not_promote_a_shadow_that_fails_on_replay(intent_re
 
     cfg = _with(intent_registry["cfg"], {"review": "replay", "replay_max_requests": 300, "min_agreement": 1.0,
                                          "max_p95_ratio": 0.001, "min_reviewed_labels": 30}, lenient_quality=False)
-    out = shadow.shadow_challenger(cfg, {"model": "intent-classifier", "registered_version": "2"},
+    out = replay.shadow_challenger(cfg, {"model": "intent-classifier", "registered_version": "2"},
                                    {"start": WINDOW[0].isoformat(), "end": WINDOW[1].isoformat()}, ctx("q2"))
     assert out["outcome"] == "failed" and "p95_ratio" in out["failed_gates"]
     assert aliases(intent_registry) == {"champion": "1", "challenger": "2"}

@@ -1,0 +1,171 @@
+"""MLflow conventions: one experiment per model (plus one for calibration data), one parent run per DAG run,
+and stage runs that a retried task finds again instead of duplicating.
+
+A stage run is keyed by the tag `qat.run_key` (DAG run id + model + stage). A stage that already finished
+returns the result it stored in the tag `qat.result` and does no work. An attempt that was cut off (still
+RUNNING: the worker died) is resumed; one that FAILED stays as evidence and the retry starts a new run
+tagged `qat.previous_attempt`, so a fixed config can be logged without clashing with the old params.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qat_tasks.core.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+RUN_KEY = "qat.run_key"
+RESULT = "qat.result"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Who asked for this work: the DAG run (or a CLI invocation) and why."""
+
+    dag_id: str
+    run_id: str
+    reason: str
+    trigger: str  # scheduled | manual | drift | cli | test
+
+    def tags(self) -> dict[str, str]:
+        return {"airflow.dag_id": self.dag_id, "airflow.run_id": self.run_id, "trigger.reason": self.reason,
+                "trigger.type": self.trigger}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def configure(cfg: PipelineConfig):
+    """Point MLflow at the configured store, with the configured retry policy, and return a client."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from qat_tasks.core import resilience
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    resilience.configure(**cfg.retries.model_dump())  # MLflow's HTTP retries and the S3 clients made from now on
+    uri = cfg.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_name(cfg: PipelineConfig, suffix: str) -> str:
+    return f"{cfg.tracking.experiment_prefix}-{suffix}"
+
+
+def registered_name(cfg: PipelineConfig, model_name: str) -> str:
+    return f"{cfg.tracking.experiment_prefix}-{model_name}"
+
+
+def ensure_experiment(cfg: PipelineConfig, suffix: str) -> str:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    name = experiment_name(cfg, suffix)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if cfg.tracking_uri.startswith("sqlite:///"):
+        # Embedded store: keep artifacts beside the database, not in ./mlruns of whatever folder we run from.
+        db = Path(cfg.tracking_uri.removeprefix("sqlite:///"))
+        artifact_location = (db.parent / "artifacts" / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={"mangaassist.profile": cfg.profile})
+    except MlflowException:  # created concurrently by a sibling task
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def find_run(experiment_id: str, key: str):
+    """The newest attempt at the stage run `key`, or None."""
+    from mlflow import MlflowClient
+
+    runs = MlflowClient().search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY}` = '{_quote(key)}'",
+                                      max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def cached_result(experiment_id: str, key: str) -> dict | None:
+    """The stored result of a stage run that already finished, or None."""
+    run = find_run(experiment_id, key)
+    if run is not None and run.info.status == "FINISHED" and RESULT in run.data.tags:
+        return json.loads(run.data.tags[RESULT])
+    return None
+
+
+@contextmanager
+def stage_run(experiment_id: str, key: str, run_name: str, tags: dict[str, str] | None = None,
+              parent_run_id: str | None = None) -> Iterator:
+    """Start the run for this stage, or resume the one an interrupted attempt left RUNNING."""
+    import mlflow
+
+    existing = find_run(experiment_id, key)
+    all_tags = {RUN_KEY: key, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    if existing is not None and existing.info.status != "RUNNING":
+        all_tags["qat.previous_attempt"] = existing.info.run_id
+        existing = None
+    if existing is not None:
+        log.info("resuming MLflow run %s (%s) left by an earlier attempt", existing.info.run_id, run_name)
+        with mlflow.start_run(run_id=existing.info.run_id) as run:
+            mlflow.set_tags(all_tags)
+            yield run
+    else:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags) as run:
+            yield run
+
+
+def set_result(result: dict) -> None:
+    import mlflow
+
+    mlflow.set_tag(RESULT, json.dumps(result, sort_keys=True))
+
+
+def model_parent_run(cfg: PipelineConfig, model_name: str, ctx: RunContext, calibration_version: str) -> str:
+    """The parent run of this DAG run in the model's experiment (created once, found again on retry)."""
+    from mlflow import MlflowClient
+
+    exp_id = ensure_experiment(cfg, model_name)
+    key = f"{ctx.run_id}:{model_name}"
+    run = find_run(exp_id, key)
+    if run is not None:
+        return run.info.run_id
+    tags = {RUN_KEY: key, **ctx.tags(), "calibration.version": calibration_version, "model.name": model_name,
+            "mlflow.note.content": f"{ctx.dag_id} run `{ctx.run_id}` ({ctx.trigger}): {ctx.reason}"}
+    # Left RUNNING until the DAG's last task closes it with the outcome of the whole run.
+    return MlflowClient().create_run(exp_id, run_name=f"{ctx.dag_id} · {ctx.run_id}", tags=tags).info.run_id
+
+
+def finish_parent(run_id: str, status: str = "FINISHED") -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_terminated(run_id, status)
+
+
+DATASET_COLUMNS = ("request_id", "id", "group", "text", "text_pair", "label", "label_source", "source", "language")
+
+
+def dataset(rows: list[dict], source_uri: str, name: str):
+    """Rows as an MLflow dataset (digest, schema, source) for the run's inputs."""
+    import mlflow.data
+    import pandas as pd
+
+    df = pd.DataFrame([{k: r[k] for k in DATASET_COLUMNS if k in r} for r in rows])
+    return mlflow.data.from_pandas(df, source=source_uri, name=name, targets="label")

@@ -1,0 +1,350 @@
+"""Calibration-data refresh: a window of logged traffic -> versioned calibration, QAT-training and evaluation sets.
+
+One streaming pass, bounded memory (per split and intent, at most one split's worth of rows):
+
+  read (folder or s3://, gzip or plain) -> validate (invalid lines counted and quarantined with the reason)
+  -> keep the window -> scrub personal data -> drop repeated requests and repeated texts
+  -> assign each conversation to one split by a seeded hash (no conversation, and no text, in two splits)
+  -> per split and intent keep the lowest-priority rows (seeded hash: independent of file order)
+  -> allocate per-intent quotas (traffic share with a floor for rare intents), reserving room for edge cases
+  -> write the splits with a content hash; the version is the window plus that hash.
+
+The evaluation split holds only human-reviewed turns: metrics are measured against people, not against the
+model that served the traffic. Training rows use the reviewed label where there is one, else the served one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import heapq
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import Counter, defaultdict
+from datetime import date
+from pathlib import Path
+
+from qat_tasks.core import storage
+from qat_tasks.core.config import PipelineConfig
+from qat_tasks.core.schema import INTENTS, parse_line, reason_category
+from qat_tasks.data.calibration_set import (
+    MANIFEST_SCHEMA,
+    EmptyWindowError,
+    IntentCoverageError,
+    InvalidTrafficError,
+    RefreshResult,
+)
+from qat_tasks.data.pii import scrub
+from qat_tasks.data.sampling import SPLITS, is_non_english, normalize, seeded_priority, split_of
+
+log = logging.getLogger(__name__)
+
+_QUARANTINE_RAW_CHARS = 8000
+
+
+def allocate(n: int, available: dict[str, int], floor: int) -> dict[str, int]:
+    """Per-intent quotas summing to at most n: traffic share, but every intent gets `floor` if it has it."""
+    if sum(available.values()) <= n:
+        return dict(available)
+    quota = {k: min(a, floor) for k, a in available.items()}
+    if sum(quota.values()) > n:  # floors alone exceed the split: share n evenly
+        quota = dict.fromkeys(available, 0)
+        for k in sorted(available, key=lambda k: available[k]):
+            quota[k] = min(available[k], (n - sum(quota.values())) // max(1, sum(1 for v in quota.values() if v == 0)))
+        return quota
+    while (remaining := n - sum(quota.values())) > 0:
+        open_ = {k: available[k] for k in available if available[k] > quota[k]}
+        if not open_:
+            break
+        total = sum(open_.values())
+        shares = {k: remaining * a / total for k, a in open_.items()}
+        adds = {k: min(available[k] - quota[k], math.floor(s)) for k, s in shares.items()}
+        if not any(adds.values()):  # hand out the last few by largest share
+            k = max(open_, key=lambda k: (shares[k], k))
+            adds = {k: 1}
+        for k, a in adds.items():
+            quota[k] += a
+    return quota
+
+
+class _Reservoir:
+    """Bottom-k by priority: keeps the k rows with the lowest seeded hash."""
+
+    __slots__ = ("k", "heap", "seen")
+
+    def __init__(self, k: int):
+        self.k, self.heap, self.seen = k, [], 0
+
+    def offer(self, prio: int, rid: str, row: dict) -> None:
+        self.seen += 1
+        item = (-prio, rid, row)
+        if len(self.heap) < self.k:
+            heapq.heappush(self.heap, item)
+        elif item > self.heap[0]:
+            heapq.heapreplace(self.heap, item)
+
+    def lowest(self, n: int) -> list[dict]:
+        return [row for _, _, row in sorted(self.heap, reverse=True)[:n]]
+
+
+def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = True) -> RefreshResult:
+    cal = cfg.calibration
+    source = cfg.traffic_source
+    endpoint = cfg.traffic.s3_endpoint_url
+    key = cal.seed.to_bytes(8, "big", signed=True)
+    edge_cfg = cal.edge_cases
+    sizes = {s: getattr(cal.sizes, s) for s in SPLITS}
+
+    files = storage.list_log_files(source, start, end, endpoint)
+    if not files:
+        raise EmptyWindowError(f"no traffic logs under {source} for the window [{start}, {end}): expected "
+                               f"dt=YYYY-MM-DD/*.jsonl[.gz] partitions. Check traffic.source and the window.")
+    log.info("refreshing calibration data from %d log file(s) under %s, window [%s, %s)", len(files), source, start, end)
+
+    stats: Counter = Counter()
+    reasons: Counter = Counter()
+    pii: Counter = Counter()
+    traffic_intents: Counter = Counter()
+    eligible: dict[str, Counter] = {s: Counter() for s in SPLITS}
+    reservoirs: dict[tuple[str, str, bool], _Reservoir] = {}
+    conversations: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+    seen_requests: set[int] = set()
+    seen_texts: set[int] = set()
+
+    qfile = tempfile.NamedTemporaryFile(prefix="quarantine-", suffix=".jsonl.gz", delete=False)  # noqa: SIM115
+    quarantine = gzip.GzipFile(fileobj=qfile, mode="wb", mtime=0)
+
+    iterator = files
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(files, desc="refresh", unit="file", mininterval=5)
+        iterator = bar
+    try:
+        for lf in iterator:
+            for lineno, raw in enumerate(storage.open_lines(lf.uri, endpoint), 1):
+                stats["lines"] += 1
+                if not raw.strip():
+                    stats["blank_lines"] += 1
+                    continue
+                rec, reason = parse_line(raw)
+                if rec is None:
+                    stats["invalid"] += 1
+                    reasons[reason_category(reason)] += 1
+                    text = raw.decode("utf-8", "replace").rstrip("\n")[:_QUARANTINE_RAW_CHARS]
+                    # The quarantine keeps the evidence, minus personal data.
+                    quarantine.write((json.dumps({"source": lf.uri, "line": lineno, "reason": reason,
+                                                  "raw": scrub(text)}, ensure_ascii=False) + "\n").encode())
+                    continue
+                stats["valid"] += 1
+                day = rec.timestamp.date()
+                if not (start <= day < end):
+                    stats["out_of_window"] += 1
+                    continue
+                if rec.event == "shadow_inference":  # the same turn, answered by a shadow model: not traffic
+                    stats["shadow_records"] += 1
+                    continue
+                rid = hash(rec.request_id)
+                if rid in seen_requests:
+                    stats["duplicate_requests"] += 1
+                    continue
+                seen_requests.add(rid)
+                text = scrub(rec.text, pii)
+                label = rec.reviewed_label or rec.intent
+                traffic_intents[label] += 1
+                split = split_of(cfg, rec.conversation_id)
+                if split == "calibration":
+                    conversations[rec.conversation_id].append((rec.turn, text, label))
+                norm = hash(normalize(text))
+                if norm in seen_texts:
+                    stats["duplicate_texts"] += 1
+                    continue
+                seen_texts.add(norm)
+                if split == "evaluation" and rec.reviewed_label is None:
+                    stats["evaluation_unreviewed_skipped"] += 1
+                    continue
+                edge = []
+                if rec.confidence < edge_cfg.low_confidence_below:
+                    edge.append("low_confidence")
+                if len(text) > edge_cfg.long_text_chars:
+                    edge.append("long")
+                non_en = is_non_english(text, rec.locale)
+                if non_en and edge_cfg.non_english:
+                    edge.append("non_english")
+                row = {
+                    "request_id": rec.request_id, "conversation_id": rec.conversation_id, "turn": rec.turn,
+                    "timestamp": rec.timestamp.isoformat(), "text": text, "label": label,
+                    "label_source": "reviewed" if rec.reviewed_label else "served_model",
+                    "served_intent": rec.intent, "confidence": rec.confidence,
+                    "language": "other" if non_en else "en", "edge": edge,
+                }
+                eligible[split][label] += 1
+                res_key = (split, label, bool(edge))
+                if res_key not in reservoirs:
+                    reservoirs[res_key] = _Reservoir(sizes[split])
+                reservoirs[res_key].offer(seeded_priority(key, rec.request_id), rec.request_id, row)
+            if bar is not None:
+                bar.set_postfix(lines=stats["lines"], invalid=stats["invalid"], refresh=False)
+    finally:
+        quarantine.close()
+        qfile.close()
+        if bar is not None:
+            bar.close()
+
+    try:
+        return _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligible, reservoirs,
+                       conversations, Path(qfile.name))
+    finally:
+        os.unlink(qfile.name)
+
+
+def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligible, reservoirs, conversations,
+            quarantine_path: Path) -> RefreshResult:
+    cal = cfg.calibration
+    store = cfg.calibration_store
+    endpoint = cfg.traffic.s3_endpoint_url
+    warnings: list[str] = []
+    window = f"{start:%Y%m%d}-{end:%Y%m%d}"
+
+    # The quarantine is written before any check can fail, so a failed run still leaves its evidence.
+    quarantine_uri = storage.join(store, "quarantine", f"{window}.jsonl.gz")
+    storage.write_bytes(quarantine_uri, quarantine_path.read_bytes(), endpoint)
+
+    considered = stats["valid"] + stats["invalid"]
+    if stats["valid"] == 0 or stats["valid"] == stats["out_of_window"]:
+        raise EmptyWindowError(
+            f"the window [{start}, {end}) under {source} holds no valid record in the window "
+            f"({stats['lines']} line(s) read, {stats['invalid']} invalid, {stats['out_of_window']} out of window). "
+            f"Quarantined lines: {quarantine_uri}")
+    invalid_fraction = stats["invalid"] / considered
+    if invalid_fraction > cfg.traffic.max_invalid_fraction:
+        top = ", ".join(f"{k} {v}" for k, v in reasons.most_common(5))
+        raise InvalidTrafficError(
+            f"{stats['invalid']:,} of {considered:,} log lines ({invalid_fraction:.1%}) in [{start}, {end}) are invalid, "
+            f"above the limit of {cfg.traffic.max_invalid_fraction:.1%} (traffic.max_invalid_fraction). "
+            f"Top reasons: {top}. Quarantined lines with reasons: {quarantine_uri}")
+    if stats["invalid"]:
+        log.warning("quarantined %d invalid line(s) (%.2f%%): %s -> %s", stats["invalid"], 100 * invalid_fraction,
+                    dict(reasons.most_common()), quarantine_uri)
+
+    missing = [i for i in INTENTS if traffic_intents[i] == 0]
+    if missing:
+        _coverage(f"intent(s) {missing} have no traffic in [{start}, {end}): the quantized models would be "
+                  f"calibrated and judged without them", "on_missing_intent", cal.on_missing_intent, warnings)
+
+    splits: dict[str, list[dict]] = {}
+    split_meta: dict[str, dict] = {}
+    for split in SPLITS:
+        n = getattr(cal.sizes, split)
+        quota = allocate(n, dict(eligible[split]), cal.min_per_intent)
+        rows: list[dict] = []
+        for intent, q in quota.items():
+            edge_r = reservoirs.get((split, intent, True))
+            plain_r = reservoirs.get((split, intent, False))
+            edge_rows = edge_r.lowest(q) if edge_r else []
+            plain_rows = plain_r.lowest(q) if plain_r else []
+            n_edge = min(len(edge_rows), math.ceil(cal.edge_cases.reserve_fraction * q))
+            take_plain = min(len(plain_rows), q - n_edge)
+            n_edge = min(len(edge_rows), q - take_plain)  # fill from edge cases when plain rows run short
+            rows.extend(edge_rows[:n_edge] + plain_rows[:take_plain])
+        short = {i: eligible[split][i] for i in INTENTS if eligible[split][i] < cal.min_per_intent}
+        if short:
+            _coverage(f"{split}: intent(s) under-represented (fewer than calibration.min_per_intent="
+                      f"{cal.min_per_intent} rows available): {short}", "on_underrepresented_intent",
+                      cal.on_underrepresented_intent, warnings)
+        if len(rows) < n:
+            warnings.append(f"{split}: {len(rows)} rows available, fewer than the {n} asked for")
+        rows.sort(key=lambda r: r["request_id"])
+        splits[split] = rows
+        split_meta[split] = {
+            "rows": len(rows), "requested": n, "per_intent": dict(Counter(r["label"] for r in rows)),
+            "eligible_per_intent": dict(eligible[split]),
+            "edge_cases": dict(Counter(e for r in rows for e in r["edge"])),
+            "label_sources": dict(Counter(r["label_source"] for r in rows)),
+            "languages": dict(Counter(r["language"] for r in rows)),
+        }
+
+    llm_rows = _select_conversations(conversations, cal.llm_conversations, cal.seed, warnings)
+
+    payloads = {s: "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+                for s, rows in splits.items()}
+    payloads["llm_conversations"] = "".join(json.dumps(c, ensure_ascii=False, sort_keys=True) + "\n" for c in llm_rows)
+    digests = {name: hashlib.sha256(body.encode()).hexdigest() for name, body in payloads.items()}
+    content = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+    version = f"{window}-{content[:12]}"
+    uri = storage.join(store, version)
+
+    manifest = {
+        "schema": MANIFEST_SCHEMA, "version": version, "content_sha256": content,
+        "window": {"start": start.isoformat(), "end": end.isoformat()}, "source": source, "seed": cal.seed,
+        "settings": cal.model_dump(mode="json"),
+        "input": {**{k: stats[k] for k in ("lines", "valid", "invalid", "blank_lines", "out_of_window",
+                                             "duplicate_requests", "duplicate_texts", "evaluation_unreviewed_skipped",
+                                             "shadow_records")},
+                  "invalid_fraction": round(invalid_fraction, 6), "invalid_reasons": dict(reasons),
+                  "pii_scrubbed": dict(pii), "quarantine": quarantine_uri},
+        "traffic_intents": {i: traffic_intents[i] for i in INTENTS},
+        "splits": {s: {**split_meta[s], "file": f"{s}.jsonl.gz", "sha256": digests[s]} for s in SPLITS},
+        "llm_conversations": {"conversations": len(llm_rows), "turns": sum(len(c["turns"]) for c in llm_rows),
+                              "intents_covered": sorted({t["label"] for c in llm_rows for t in c["turns"]}),
+                              "file": "llm_conversations.jsonl.gz", "sha256": digests["llm_conversations"]},
+        "warnings": warnings,
+    }
+    manifest_uri = storage.join(uri, "manifest.json")
+    if storage.exists(manifest_uri, endpoint):
+        log.info("calibration version %s already written at %s: reusing it", version, uri)
+    else:
+        for name, body in payloads.items():
+            storage.write_bytes(storage.join(uri, f"{name}.jsonl.gz"), storage.gzip_bytes(body), endpoint)
+        storage.write_bytes(storage.join(uri, "quarantine.jsonl.gz"), quarantine_path.read_bytes(), endpoint)
+        # The manifest goes last: its presence means the version is complete.
+        storage.write_bytes(manifest_uri, json.dumps(manifest, indent=2, sort_keys=True).encode(), endpoint)
+    log.info("calibration version %s: %s rows (calibration / qat_train / evaluation), %d LLM conversations -> %s",
+             version, " / ".join(str(len(splits[s])) for s in SPLITS), len(llm_rows), uri)
+    return RefreshResult(version=version, uri=uri, manifest=manifest)
+
+
+def _coverage(msg: str, key: str, policy: str, warnings: list[str]) -> None:
+    """Fail or warn, as `calibration.<key>` says, about an intent the window does not cover well enough."""
+    if policy == "fail":
+        raise IntentCoverageError(f"{msg} (calibration.{key}: fail)")
+    warnings.append(msg)
+    log.warning(msg)
+
+
+def _select_conversations(conversations: dict, n: int, seed: int, warnings: list[str]) -> list[dict]:
+    """n whole conversations from the calibration split, covering every intent, for LLM calibration."""
+    key = seed.to_bytes(8, "big", signed=True)
+    by_intent: dict[str, list[str]] = defaultdict(list)
+    for cid, turns in conversations.items():
+        for intent in {lbl for _, _, lbl in turns}:
+            by_intent[intent].append(cid)
+    for cids in by_intent.values():
+        cids.sort(key=lambda c: seeded_priority(key, c))
+    chosen: list[str] = []
+    taken: set[str] = set()
+    # Round-robin over intents, rarest first, so every intent is represented before common ones fill up.
+    order = sorted(by_intent, key=lambda i: (len(by_intent[i]), i))
+    pos = dict.fromkeys(order, 0)
+    while len(chosen) < n and any(pos[i] < len(by_intent[i]) for i in order):
+        for intent in order:
+            while pos[intent] < len(by_intent[intent]) and by_intent[intent][pos[intent]] in taken:
+                pos[intent] += 1
+            if pos[intent] < len(by_intent[intent]) and len(chosen) < n:
+                cid = by_intent[intent][pos[intent]]
+                chosen.append(cid)
+                taken.add(cid)
+    if len(chosen) < n:
+        warnings.append(f"llm_conversations: only {len(chosen)} conversations available, fewer than the {n} asked for")
+    missing = [i for i in INTENTS if i not in by_intent]
+    if missing:
+        warnings.append(f"llm_conversations: no conversation covers {missing}")
+    return [{"conversation_id": cid,
+             "turns": [{"turn": t, "text": x, "label": lbl} for t, x, lbl in sorted(conversations[cid])]}
+            for cid in sorted(chosen)]
+
+

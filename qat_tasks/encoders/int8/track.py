@@ -1,0 +1,323 @@
+"""The INT8 stage for an encoder: build candidates from the champion, measure each beside the champion in
+ONNX Runtime on the same data, gate them, and register the best passing one as @challenger.
+
+MLflow, in the model's experiment under this DAG run's parent run:
+  int8 <candidate>   one run per candidate: metrics, parity, gates, plots, the ONNX graph
+  int8-decision      the champion re-measured side by side, the comparison table, accuracy-against-P95 and
+                     latency plots, the decision; the registered version when one passed
+Each run is keyed by DAG run, model and candidate: a retried task skips candidates that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from qat_tasks.core import plots, registry, tracking
+from qat_tasks.core.config import PipelineConfig
+from qat_tasks.data.calibration_set import load_manifest
+from qat_tasks.encoders import packaging
+from qat_tasks.encoders.evaluation import SCALAR_METRICS
+from qat_tasks.promotion import decision, gates
+
+log = logging.getLogger(__name__)
+
+GATED_METRICS = (*SCALAR_METRICS, "parity_agreement", "parity_max_abs_logit_diff")
+
+
+class Workbench:
+    """Everything candidates are measured against: champion files, the model's rows, PyTorch reference logits."""
+
+    def __init__(self, cfg: PipelineConfig, model_name: str, calibration_uri: str, champion: dict, tmp: Path):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from qat_tasks.data import role_splits as role_data
+        from qat_tasks.encoders.int8 import ort_quant
+        from qat_tasks.encoders.modeling import inputs_of
+        from qat_tasks.encoders.roles import role_for
+
+        self.cfg, self.mcfg = cfg, cfg.model(model_name)
+        self.role = role_for(cfg, model_name)
+        self.paths = registry.download(champion["registered_model"], champion["version"], tmp / "champion")
+        self.meta = json.loads(self.paths["meta"].read_text())
+        self.labels, self.max_length, self.pair = self.meta["labels"], self.meta["max_length"], self.role.pair
+        if self.labels != self.role.labels:
+            raise ValueError(f"{model_name} champion v{champion['version']} has labels {self.labels}; the "
+                             f"{self.role.name} track expects {self.role.labels}")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.paths["hf"])
+        self.hf_model = AutoModelForSequenceClassification.from_pretrained(self.paths["hf"]).eval()
+        self.splits = role_data.load(cfg, model_name, calibration_uri)
+        self.eval_rows, self.train_rows = self.splits["evaluation"], self.splits["qat_train"]
+        self.trained: dict = {}  # QAT trainings shared by the candidates exported from them
+        self.calib_texts = inputs_of(self.splits["calibration"])
+        qc = self.mcfg.quantization
+        self.batches = ort_quant.calibration_batches(self.tokenizer, self.calib_texts, self.max_length,
+                                                     qc.calibration_batch_size)
+        self.preprocessed = ort_quant.preprocess(self.paths["onnx"], tmp / "preprocessed.onnx")
+        step = max(1, len(self.eval_rows) // qc.parity_samples)  # spread over the split (and reranking groups)
+        self.parity_texts = inputs_of(self.eval_rows[::step][: qc.parity_samples])
+        self.reference_logits = self.reference(self.hf_model)
+
+    def reference(self, model) -> np.ndarray:
+        """PyTorch logits of `model` (the champion, or a QAT-trained student) on the parity inputs."""
+        import torch
+
+        from qat_tasks.encoders.modeling import tokenize
+
+        with torch.no_grad():
+            return model(**tokenize(self.tokenizer, self.parity_texts, self.max_length, "pt")).logits.numpy()
+
+    def _classifier(self, onnx_path: Path):
+        from qat_tasks.encoders.modeling import OnnxClassifier
+
+        return OnnxClassifier(onnx_path, self.tokenizer, self.labels, self.max_length, threads=self.cfg.evaluation.threads)
+
+    def quality(self, onnx_path: Path) -> dict:
+        """Quality metrics only (no latency): what per-layer sensitivity needs."""
+        from qat_tasks.encoders.evaluation import evaluate_classifier
+
+        return evaluate_classifier(self._classifier(onnx_path), self.splits, self.role, self.cfg, timing=False)
+
+    def recipe(self, name: str, tmp: Path):
+        """How candidate `name` was quantized (after it was built in this task)."""
+        from qat_tasks.encoders.int8.sensitivity import Recipe
+
+        kind = "dynamic" if name.endswith("dynamic") else ("minmax" if name.startswith("qat") or name.endswith(
+            "smoothquant") else name.removeprefix("ptq_static_"))
+        if name.startswith("qat"):
+            return Recipe(self.trained[qat_variant(name)][0], kind)  # (pre, info, ranges, model)
+        if name == "ptq_static_smoothquant":
+            return Recipe(tmp / name / "smoothed_pre.onnx", kind)
+        return Recipe(self.preprocessed, kind)
+
+    def measure(self, onnx_path: Path, reference_logits: np.ndarray | None = None) -> dict:
+        """Every metric of the role in ONNX Runtime, plus parity with the PyTorch model the graph came from
+        (`reference_logits`; default the champion's)."""
+        from qat_tasks.encoders.evaluation import evaluate_classifier
+
+        ref = self.reference_logits if reference_logits is None else reference_logits
+        clf = self._classifier(onnx_path)
+        report = evaluate_classifier(clf, self.splits, self.role, self.cfg)
+        cand_logits = clf.logits(self.parity_texts)
+        report["parity_agreement"] = self.role.parity(cand_logits, ref)
+        report["parity_max_abs_logit_diff"] = float(np.abs(cand_logits - ref).max())
+        return report
+
+
+def qat_variant(candidate: str) -> str:
+    """Which QAT training a candidate is exported from (Workbench.trained key)."""
+    return "distill" if "distill" in candidate else "labels"
+
+
+PTQ_BASELINES = ("ptq_dynamic", "ptq_static_minmax", "ptq_static_percentile", "ptq_static_entropy")
+
+
+def choose_candidates(qc, tolerance_pts: float, reviewed_fraction: float) -> tuple[tuple[str, ...], str]:
+    """The seeds' rule: tolerance under one point with labels -> QAT; without labels -> QAT by distillation
+    from the FP32 teacher; looser tolerance -> PTQ. PTQ baselines are always measured for comparison.
+    An explicit `quantization.candidates` list overrides the rule."""
+    if qc.candidates is not None:
+        return tuple(qc.candidates), "configured"
+    if tolerance_pts >= 1.0:
+        return PTQ_BASELINES, f"tolerance {tolerance_pts:g} pts >= 1: PTQ"
+    if reviewed_fraction >= qc.min_reviewed_fraction:
+        return (*PTQ_BASELINES, "qat_static", "qat_dynamic"), (
+            f"tolerance {tolerance_pts:g} pts < 1 and {reviewed_fraction:.0%} reviewed labels: QAT")
+    return (*PTQ_BASELINES, "qat_distill_static", "qat_distill_dynamic"), (
+        f"tolerance {tolerance_pts:g} pts < 1 and only {reviewed_fraction:.0%} reviewed labels: distillation")
+
+
+def _scalars(report: dict) -> dict:
+    return {k: float(report[k]) for k in GATED_METRICS if k in report and report[k] == report[k]}
+
+
+def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str, champion: dict,
+                     ctx: tracking.RunContext) -> dict:
+    import mlflow
+
+    from qat_tasks.encoders.evaluation import log_classifier_report
+    from qat_tasks.encoders.int8 import ptq
+
+    client = tracking.configure(cfg)
+    mcfg = cfg.model(model_name)
+    qc = mcfg.quantization
+    exp_id = tracking.ensure_experiment(cfg, model_name)
+    manifest = load_manifest(calibration_uri, cfg.traffic.s3_endpoint_url)
+    base_key = f"{ctx.run_id}:{model_name}:int8"
+    decision_key = f"{base_key}:decision"
+    cached = tracking.cached_result(exp_id, decision_key)
+    if cached is not None:
+        log.info("INT8 decision for this DAG run already made: %s", cached["decision"])
+        return cached
+    tags = {**ctx.tags(), "calibration.version": manifest["version"], "champion.version": champion["version"]}
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="int8-") as tmpdir:
+        tmp = Path(tmpdir)
+        bench = Workbench(cfg, model_name, calibration_uri, champion, tmp)
+        role = bench.role
+        candidates, rule = choose_candidates(qc, role.tolerance_pts(), role.labelled_fraction(bench.train_rows))
+        log.info("%s INT8 candidates %s (%s)", model_name, list(candidates), rule)
+        for name in candidates:
+            key = f"{base_key}:{name}"
+            done = tracking.cached_result(exp_id, key)
+            if done is not None:
+                log.info("candidate %s already measured in run %s", name, done["run_id"])
+                results[name] = done
+                continue
+            log.info("building INT8 candidate %s of %s", name, model_name)
+            with tracking.stage_run(exp_id, key, f"int8 {name}", {**tags, "stage": "int8-candidate",
+                                                                  "candidate": name}, champion["parent_run_id"]) as run:
+                if name.startswith("qat"):
+                    from qat_tasks.encoders.int8 import qat
+
+                    onnx_path, info = qat.build(name, bench.hf_model, bench.tokenizer, bench.labels, bench.train_rows,
+                                                bench.batches, bench.max_length, mcfg.training, qc, tmp / "qat",
+                                                bench.trained, lambda k, v, s: mlflow.log_metric(k, v, step=s))
+                    mlflow.log_dict(info, "qat_training.json")
+                    # Parity against the QAT-trained model the graph came from, not the champion it started as.
+                    reference = bench.reference(bench.trained[qat_variant(name)][3])
+                else:
+                    reference = None
+                    onnx_path = ptq.build(name, bench.paths["onnx"], bench.preprocessed, bench.hf_model,
+                                          bench.tokenizer, bench.batches, bench.max_length, qc, tmp / name, bench.pair)
+                report = bench.measure(onnx_path, reference)
+                mlflow.log_params({"candidate": name, "champion_version": champion["version"], "candidates.rule": rule,
+                                   **{f"quantization.{k}": v for k, v in qc.model_dump().items() if k != "candidates"}})
+                logged = log_classifier_report(report, bench.labels, role.rare, f"{model_name} {name} (ONNX Runtime)",
+                                               cfg.evaluation.ece_bins)
+                # Parity: what the shared report does not log.
+                mlflow.log_metrics({k: v for k, v in _scalars(report).items() if k not in logged})
+                mlflow.log_dict({"samples_ms": report["latency_samples_ms"]}, "latency_samples.json")
+                mlflow.log_artifact(str(onnx_path), "candidate")
+                results[name] = {"run_id": run.info.run_id, "metrics": _scalars(report),
+                                 "onnx_artifact": f"candidate/{onnx_path.name}"}
+                tracking.set_result(results[name])
+
+        champ = _scalars(bench.measure(bench.paths["onnx"]))
+        if qc.mixed_precision and not any(_passes(role, qc, r["metrics"], champ) for r in results.values()):
+            mixed = _mixed_precision(cfg, model_name, bench, results, champ, exp_id, f"{base_key}:mixed-precision",
+                                     tags, champion, tmp)
+            if mixed is not None:
+                results[mixed["name"]] = mixed
+        with tracking.stage_run(exp_id, decision_key, "int8-decision", {**tags, "stage": "int8-decision"},
+                                champion["parent_run_id"]) as run:
+            verdict = _decide(cfg, model_name, champ, results, client, run.info.run_id, decision_key, bench, tmp,
+                               ctx, champion, manifest["version"])
+            tracking.set_result(verdict)
+    return verdict
+
+
+def _verdict(role, qc, metrics: dict, champ: dict) -> list[gates.GateResult]:
+    return role.gates(metrics, champ, metrics["parity_agreement"] >= qc.parity_min_agreement,
+                      metrics["parity_agreement"], qc.parity_min_agreement)
+
+
+def _passes(role, qc, metrics: dict, champ: dict) -> bool:
+    return all(r.passed for r in _verdict(role, qc, metrics, champ))
+
+
+def _mixed_precision(cfg, model_name, bench, results, champ, exp_id, key, tags, champion, tmp) -> dict | None:
+    """Per-layer sensitivity of the most accurate failing candidate, then FP32 fallback until the gates pass."""
+    import mlflow
+    import pandas as pd
+
+    from qat_tasks.encoders.int8 import sensitivity
+
+    done = tracking.cached_result(exp_id, key)
+    if done is not None:
+        return done or None
+    qc = cfg.model(model_name).quantization
+    # A QAT candidate is a base only when its training is at hand (a retried task may have skipped it).
+    eligible = {n: r for n, r in results.items() if r["metrics"]["parity_agreement"] >= qc.parity_min_agreement
+                and (not n.startswith("qat") or qat_variant(n) in bench.trained)}
+    if not eligible:
+        return None
+    base = max(eligible, key=lambda n: bench.role.rank_key(eligible[n]["metrics"]))
+    recipe = bench.recipe(base, tmp)
+    reference = bench.reference(bench.trained[qat_variant(base)][3]) if base.startswith("qat") else None
+    log.info("%s: no candidate passed; per-layer sensitivity of %s, then FP32 fallback", model_name, base)
+    with tracking.stage_run(exp_id, key, f"int8 mixed precision ({base})",
+                            {**tags, "stage": "int8-mixed-precision", "candidate": base}, champion["parent_run_id"]) as run:
+        sens = sensitivity.analyse(recipe, bench.quality, bench.batches, qc.percentile, tmp / "sensitivity",
+                                   bench.role.sensitivity_keys)
+        mlflow.log_table(pd.DataFrame(sens), "sensitivity.json")
+        fig = plots.sensitivity(sens, f"{model_name}: per-layer sensitivity of {base}")
+        mlflow.log_figure(fig, "plots/sensitivity.png")
+        plots.close(fig)
+        result: dict = {}
+        for step, keep in enumerate(sensitivity.fallback_steps(sens, qc.max_fp32_units), 1):
+            path = sensitivity.quantize(recipe, tmp / "fallback" / f"{base}_fp32_{step}.onnx", bench.batches,
+                                        qc.percentile, exclude=sensitivity.nodes_of(recipe, keep))
+            report = bench.measure(path, reference)
+            metrics = _scalars(report)
+            passed = _passes(bench.role, qc, metrics, champ)
+            mlflow.log_metrics({f"fallback.{k}": v for k, v in metrics.items()}, step=step)
+            log.info("%s: %s with %s in FP32: %s, P95 %.2f ms -> %s", model_name, base, keep,
+                     bench.role.headline(metrics), metrics["p95_ms"], "passes" if passed else "still failing")
+            if passed:
+                mlflow.log_artifact(str(path), "candidate")
+                mlflow.log_dict({"samples_ms": report["latency_samples_ms"]}, "latency_samples.json")
+                result = {"name": f"{base}+fp32[{','.join(keep)}]", "run_id": run.info.run_id, "metrics": metrics,
+                          "onnx_artifact": f"candidate/{path.name}", "fp32_units": keep}
+                break
+        mlflow.set_tag("mixed_precision.outcome", f"passed with {result['fp32_units']} in FP32" if result else
+                       f"no pass with up to {qc.max_fp32_units} FP32 units")
+        tracking.set_result(result)
+    return result or None
+
+
+def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, tmp, ctx, champion, cal_version) -> dict:
+    import mlflow
+    import pandas as pd
+
+    qc = cfg.model(model_name).quantization
+    role = bench.role
+    quality_key = role.sensitivity_keys[0]
+    table, verdicts = [], {}
+    for name, res in results.items():
+        m = res["metrics"]
+        outcome = _verdict(role, qc, m, champ)
+        verdicts[name] = outcome
+        table.append({"candidate": name, **m, "passed": all(r.passed for r in outcome),
+                      "failed_gates": ", ".join(r.gate for r in outcome if not r.passed)})
+    table.append({"candidate": "champion (fp32)", **champ, "passed": None, "failed_gates": ""})
+    mlflow.log_metrics({f"champion.{k}": v for k, v in champ.items()})
+    mlflow.log_table(pd.DataFrame(table), "comparison.json")
+    mlflow.log_dict({n: [r.to_dict() for r in v] for n, v in verdicts.items()}, "gates.json")
+    fig = plots.accuracy_vs_latency({row["candidate"]: (row["p95_ms"], row[quality_key], row["size_mb"], row["passed"])
+                                     for row in table}, f"{model_name}: INT8 candidates against the FP32 champion",
+                                    quality_key.replace("_", " "))
+    mlflow.log_figure(fig, "plots/accuracy_vs_p95.png")
+    plots.close(fig)
+    samples = {n: mlflow.artifacts.load_dict(f"runs:/{r['run_id']}/latency_samples.json")["samples_ms"]
+               for n, r in results.items()}
+    fig = plots.latency_distribution(samples, f"{model_name}: batch-1 latency of the INT8 candidates")
+    mlflow.log_figure(fig, "plots/latency_distributions.png")
+    plots.close(fig)
+
+    passing, nothing = decision.passing(model_name, "INT8", verdicts, run_id)
+    if nothing is not None:
+        return nothing
+    # Best = the passing candidate best on the role's headline metric; ties go to the faster one.
+    best = max(passing, key=lambda n: role.rank_key(results[n]["metrics"]))
+    onnx = Path(mlflow.artifacts.download_artifacts(run_id=results[best]["run_id"],
+                                                    artifact_path=results[best]["onnx_artifact"], dst_path=str(tmp / "win")))
+    meta = {**bench.meta, "precision": "int8", "method": best, "champion_version": champion["version"],
+            "calibration_version": cal_version}
+    meta.update(role.packaged_settings(results[best]["metrics"]))  # its own temperature or threshold
+    hf_dir = tmp / "package" / "hf"
+    shutil.copytree(bench.paths["hf"], hf_dir)
+    model_uri = packaging.log_encoder(hf_dir, onnx, meta)
+    lineage = {"calibration_version": cal_version, "champion_version": champion["version"],
+               "candidate_run_id": results[best]["run_id"], "airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id}
+    out = decision.register_challenger(
+        client, model_name=model_name, registered_name=champion["registered_model"], best=best, model_uri=model_uri,
+        stage_key=stage_key, run_id=run_id, lineage=lineage,
+        description=f"INT8 {best} from champion v{champion['version']} on calibration {cal_version}")
+    return {**out, "metrics": results[best]["metrics"],
+            "headline": role.headline(results[best]["metrics"])}

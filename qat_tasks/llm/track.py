@@ -1,0 +1,366 @@
+"""The fallback LLM's quarterly 4-bit track: quantize, judge against the unquantized model, register the best.
+
+    unquantized model (qat_tasks.llm.model) ── evaluated once: perplexity on held-out Wikipedia/news text and
+    │                                          on held-out MangaAssist conversations, intent routing, generations
+    ├─ per-block sensitivity (qat_tasks.llm.sensitivity): which blocks 4-bit hurts most
+    ├─ each configured candidate (RTN, AWQ, GPTQ; domain or generic calibration; blocks kept at 16-bit):
+    │    quantize (qat_tasks.llm.quantize, resumable chunk by chunk) → the same evaluation, size, wall time, peak RSS
+    └─ decision: gates (relative perplexity increase, routing-accuracy drop); the passing candidate with the
+       lowest MangaAssist perplexity is registered once per DAG run as @challenger (a compressed-tensors
+       checkpoint that vLLM serves)
+
+Every step is an MLflow stage run keyed by DAG run, model and step: a retried task skips what finished and
+resumes a quantization from its last finished chunk of layers (the chunks live under the state folder, keyed
+by calibration version and candidate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from qat_tasks.core import plots, resources, tracking
+from qat_tasks.core.config import PipelineConfig
+from qat_tasks.core.config_sections import LlmCandidate, LlmTrackConfig
+from qat_tasks.core.schema import INTENTS
+from qat_tasks.data.calibration_set import load_manifest, load_split
+from qat_tasks.llm import corpora, perplexity, routing
+from qat_tasks.promotion import decision, gates
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class LlmData:
+    """Everything every candidate is judged on, tokenized once: bitwise the same inputs for all."""
+
+    domain_calibration: list[str]
+    generic_calibration: list[str]
+    generic_windows: object  # perplexity.TokenWindows
+    domain_windows: object
+    sensitivity_windows: object
+    routing_rows: list[dict]
+    shots: list[tuple[str, str]]
+
+    def describe(self) -> dict:
+        return {"calibration.domain_texts": len(self.domain_calibration),
+                "calibration.generic_texts": len(self.generic_calibration),
+                "eval.generic_tokens": self.generic_windows.tokens, "eval.generic_digest": self.generic_windows.digest,
+                "eval.domain_tokens": self.domain_windows.tokens, "eval.domain_digest": self.domain_windows.digest,
+                "eval.routing_rows": len(self.routing_rows), "eval.routing_shots": len(self.shots)}
+
+
+def load_data(cfg: PipelineConfig, tc: LlmTrackConfig, calibration_uri: str, tokenizer) -> LlmData:
+    """Calibration text (the version's LLM conversations; gensim's text for the generic comparison) and held-out
+    evaluation text (the version's evaluation split, whole conversations; gensim's held-out documents)."""
+    ep = cfg.traffic.s3_endpoint_url
+    conversations = load_split(calibration_uri, "llm_conversations", ep)
+    generic = corpora.generic_texts()
+    # Conversations are short (a few customer turns): pack whole ones into samples of up to max_seq_len tokens,
+    # so calibration sees as many of them as the sample budget holds.
+    domain_cal = pack_texts(tokenizer, corpora.conversation_texts(conversations, tokenizer), tc.max_seq_len,
+                            tc.calibration_samples)
+    generic_cal = generic["calibration"][: tc.calibration_samples]
+
+    evaluation = load_split(calibration_uri, "evaluation", ep)
+    by_conv: dict[str, list[dict]] = defaultdict(list)
+    for r in evaluation:
+        by_conv[r["conversation_id"]].append({"turn": r["turn"], "text": r["text"], "label": r["label"]})
+    held_out = [{"conversation_id": c, "turns": sorted(t, key=lambda x: x["turn"])} for c, t in sorted(by_conv.items())]
+    domain_windows = perplexity.TokenWindows(tokenizer, corpora.conversation_texts(held_out, tokenizer),
+                                           tc.eval_window, tc.eval_domain_tokens)
+    generic_windows = perplexity.TokenWindows(tokenizer, generic["heldout"], tc.eval_window, tc.eval_generic_tokens)
+    sensitivity_windows = perplexity.TokenWindows(tokenizer, generic["heldout"], tc.eval_window, tc.sensitivity_tokens)
+
+    # Routing: a seeded, intent-stratified sample of held-out messages; one worked example per intent from the
+    # calibration split (never the evaluation split) as the prompt's shots.
+    rng = random.Random(cfg.calibration.seed)
+    pool = [r for r in evaluation if r["label"] in INTENTS]
+    rng.shuffle(pool)
+    per_intent: dict[str, list[dict]] = defaultdict(list)
+    for r in pool:
+        per_intent[r["label"]].append(r)
+    routing_rows: list[dict] = []
+    while len(routing_rows) < min(tc.routing_rows, len(pool)):
+        for intent in INTENTS:
+            if per_intent[intent] and len(routing_rows) < tc.routing_rows:
+                routing_rows.append(per_intent[intent].pop())
+    shots: dict[str, str] = {}
+    for r in load_split(calibration_uri, "calibration", ep):
+        if r["label"] in INTENTS and r["label"] not in shots and len(r["text"]) < 120:
+            shots[r["label"]] = r["text"]
+    return LlmData(domain_cal, generic_cal, generic_windows, domain_windows, sensitivity_windows,
+                   [{"text": r["text"], "label": r["label"]} for r in routing_rows],
+                   [(shots[i], i) for i in INTENTS if i in shots])
+
+
+def pack_texts(tokenizer, texts: list[str], max_tokens: int, max_samples: int) -> list[str]:
+    """Whole texts joined (blank line between) into samples of at most `max_tokens` tokens, in order; a text
+    longer than that is a sample of its own (the quantizer truncates it)."""
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    samples, current, used = [], [], 0
+    for text, n in zip(texts, lengths, strict=True):
+        if current and used + n + 2 > max_tokens:
+            samples.append("\n\n".join(current))
+            current, used = [], 0
+            if len(samples) == max_samples:
+                return samples
+        current.append(text)
+        used += n + 2
+    if current and len(samples) < max_samples:
+        samples.append("\n\n".join(current))
+    return samples
+
+
+def evaluate(model, tokenizer, data: LlmData, tc: LlmTrackConfig, batch_size: int = 4) -> dict:
+    """The same measurements for the unquantized model and every candidate."""
+    t0 = time.perf_counter()
+    generic = perplexity.perplexity(model, data.generic_windows, batch_size=batch_size)
+    domain = perplexity.perplexity(model, data.domain_windows, batch_size=batch_size)
+    route = routing.routing_accuracy(model, tokenizer, data.routing_rows, list(INTENTS), data.shots)
+    generations = routing.greedy_generations(model, tokenizer, list(tc.generation_prompts), tc.max_new_tokens)
+    for name, w, r in (("generic", data.generic_windows, generic), ("domain", data.domain_windows, domain)):
+        if r.get("digest", w.digest) != w.digest:  # never compare numbers measured on different inputs
+            raise RuntimeError(f"{name} perplexity was measured on windows {r['digest'][:12]}, not {w.digest[:12]}")
+    return {"metrics": {"perplexity_generic": generic["perplexity"], "perplexity_domain": domain["perplexity"],
+                        "routing_accuracy": route["accuracy"], "routing_macro_f1": route["macro_f1"],
+                        **({"routing_accuracy_calibrated": route["calibrated_accuracy"]}
+                           if "calibrated_accuracy" in route else {}),
+                        "eval_s": time.perf_counter() - t0},
+            "routing": _jsonable({k: v for k, v in route.items() if k not in ("predictions", "scores")}),
+            "generations": generations}
+
+
+def _jsonable(obj):
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def quant_spec(tc: LlmTrackConfig, cand: LlmCandidate, num_layers: int):
+    from qat_tasks.llm.quantize import QuantSpec
+
+    keep = ["lm_head"] if tc.keep_lm_head else []
+    for b in cand.keep_blocks:
+        idx = b if b >= 0 else num_layers + b
+        if not 0 <= idx < num_layers:
+            raise ValueError(f"keep_blocks: block {b} does not exist in a model of {num_layers} blocks")
+        keep.append(rf"re:model\.layers\.{idx}\.")
+    symmetric = {"awq": tc.awq_symmetric, "gptq": tc.gptq_symmetric, "rtn": tc.rtn_symmetric}[cand.method]
+    return QuantSpec(method=cand.method, bits=tc.bits, group_size=tc.group_size, symmetric=symmetric,
+                     actorder=tc.gptq_actorder if cand.method == "gptq" else None, keep=tuple(keep),
+                     dampening_frac=tc.gptq_dampening, awq_n_grid=tc.awq_n_grid, max_seq_len=tc.max_seq_len,
+                     chunk_layers=tc.chunk_layers)
+
+
+def headline(m: dict) -> str:
+    return (f"ppl {m['perplexity_generic']:.2f} generic / {m['perplexity_domain']:.2f} MangaAssist, "
+            f"routing {100 * m['routing_accuracy']:.1f} %, {m['size_mb']:.0f} MB")
+
+
+def _log_eval(res: dict, prefix: str = "") -> None:
+    import mlflow
+
+    mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in res["metrics"].items()})
+    mlflow.log_metrics({f"{prefix}routing_accuracy.{k}": float(v)
+                        for k, v in res["routing"].get("per_intent_accuracy", {}).items()})
+    mlflow.log_dict(res["routing"], "routing.json")
+    mlflow.log_dict({"generations": res["generations"]}, "generations.json")
+
+
+def build_llm_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
+                         ctx: tracking.RunContext, progress: bool = True) -> dict:
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qat_tasks.llm import checkpoint
+    from qat_tasks.llm import model as llm_model
+    from qat_tasks.llm import quantize as llm_quantize
+    from qat_tasks.llm import sensitivity as llm_sensitivity
+
+    client = tracking.configure(cfg)
+    mcfg = cfg.model(model_name)
+    tc = mcfg.llm_track
+    exp_id = tracking.ensure_experiment(cfg, model_name)
+    manifest = load_manifest(calibration_uri, cfg.traffic.s3_endpoint_url)
+    version = manifest["version"]
+    base_key = f"{ctx.run_id}:{model_name}:w{tc.bits}"
+    decision_key = f"{base_key}:decision"
+    cached = tracking.cached_result(exp_id, decision_key)
+    if cached is not None:
+        log.info("%d-bit decision for this DAG run already made: %s", tc.bits, cached["decision"])
+        return cached
+    parent = tracking.model_parent_run(cfg, model_name, ctx, version)
+    tags = {**ctx.tags(), "calibration.version": version, "model.source": mcfg.source}
+
+    base_dir = llm_model.resolve_llm(cfg, mcfg.source)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    data = load_data(cfg, tc, calibration_uri, tokenizer)
+    log.info("%s: %s", model_name, data.describe())
+    work_root = cfg.state_path / "llm" / model_name / version
+
+    # 1. The unquantized model: the reference every gate is relative to.
+    key = f"{base_key}:unquantized"
+    base = tracking.cached_result(exp_id, key)
+    if base is None:
+        with tracking.stage_run(exp_id, key, "unquantized", {**tags, "stage": "llm-unquantized"}, parent):
+            import torch
+
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+            res = evaluate(model, tokenizer, data, tc)
+            res["metrics"]["size_mb"] = resources.dir_size_bytes(base_dir) / 1e6
+            res["metrics"]["params_m"] = llm_model.param_count(base_dir) / 1e6
+            mlflow.log_params({"source": mcfg.source, "local_dir": str(base_dir), **data.describe()})
+            _log_eval(res)
+            base = {"metrics": res["metrics"], "generations": res["generations"]}
+            if tc.sensitivity:
+                report = llm_sensitivity.block_sensitivity(model, data.sensitivity_windows, perplexity.perplexity,
+                                                           tc.bits, tc.group_size, tc.rtn_symmetric, progress=progress)
+                mlflow.log_dict(report, "sensitivity.json")
+                kept = sorted({c for cand in tc.candidates for b in cand.keep_blocks
+                               for c in [f"block {b if b >= 0 else model.config.num_hidden_layers + b}"]})
+                fig = llm_sensitivity.chart(report, f"{model_name}: perplexity when one block alone is "
+                                                    f"{tc.bits}-bit (RTN, g{tc.group_size})", kept)
+                mlflow.log_figure(fig, "plots/sensitivity.png")
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
+                base["sensitivity_top"] = report["most_sensitive"][:5]
+                log.info("%s: most sensitive to %d-bit weights: %s", model_name, tc.bits, report["most_sensitive"][:5])
+            del model
+            tracking.set_result(base)
+    num_layers = json.loads((base_dir / "config.json").read_text())["num_hidden_layers"]
+
+    # 2. Candidates, each its own stage run; a finished one is never redone.
+    results: dict[str, dict] = {}
+    for cand in tc.candidates:
+        key = f"{base_key}:{cand.key}"
+        done = tracking.cached_result(exp_id, key)
+        if done is not None:
+            log.info("candidate %s already measured in run %s", cand.key, done["run_id"])
+            results[cand.key] = done
+            continue
+        spec = quant_spec(tc, cand, num_layers)
+        texts = {"domain": data.domain_calibration, "generic": data.generic_calibration, "none": []}[cand.calibration]
+        with tracking.stage_run(exp_id, key, f"w{tc.bits} {cand.key}",
+                                {**tags, "stage": "llm-candidate", "candidate": cand.key}, parent) as run:
+            mlflow.log_params({"candidate": cand.key, "method": cand.method, "calibration": cand.calibration,
+                               "keep_blocks": list(cand.keep_blocks), "calibration_texts": len(texts),
+                               **{f"spec.{k}": v for k, v in spec.__dict__.items()}})
+            log.info("quantizing %s with %s (%s calibration, %d texts)", model_name, cand.method, cand.calibration,
+                     len(texts))
+            with resources.RssSampler() as rss:
+                qres = llm_quantize.quantize(base_dir, spec, texts, work_root / cand.key / "checkpoint",
+                                             work_dir=work_root / cand.key / "chunks", progress=progress)
+            model, qtok = checkpoint.load_quantized(qres.output_dir)
+            res = evaluate(model, qtok, data, tc)
+            del model
+            res["metrics"].update({"size_mb": qres.size_bytes / 1e6, "quant_wall_s": qres.wall_s,
+                                   # sampled while this candidate quantized; ru_maxrss would be the whole
+                                   # process's lifetime peak, monotonic across candidates
+                                   "peak_rss_mb": rss.peak_mb, "rss_growth_mb": rss.delta_mb,
+                                   "chunks_resumed": qres.chunks_resumed})
+            _log_eval(res)
+            mlflow.log_dict({"group_sizes": qres.group_sizes, "kept": qres.kept}, "layout.json")
+            mlflow.set_tag("checkpoint.path", str(qres.output_dir))
+            results[cand.key] = {"run_id": run.info.run_id, "metrics": res["metrics"],
+                                 "generations": res["generations"], "checkpoint": str(qres.output_dir)}
+            tracking.set_result(results[cand.key])
+            log.info("%s %s: %s", model_name, cand.key, headline(res["metrics"]))
+
+    # 3. Decision.
+    with tracking.stage_run(exp_id, decision_key, f"w{tc.bits}-decision", {**tags, "stage": "llm-decision"},
+                            parent) as run:
+        verdict = _decide(cfg, model_name, tc, base, results, client, run.info.run_id, decision_key, ctx, version)
+        tracking.set_result(verdict)
+    return verdict
+
+
+def _decide(cfg, model_name, tc, base, results, client, run_id, stage_key, ctx, version) -> dict:
+    import mlflow
+    import pandas as pd
+
+    from qat_tasks.llm import packaging
+
+    bm = base["metrics"]
+    verdicts = {k: gates.llm_gates(r["metrics"], bm, cfg.gates.llm) for k, r in results.items()}
+    rows = [{"candidate": "unquantized", **bm, "passed": None, "failed_gates": ""}]
+    for k, r in results.items():
+        m = r["metrics"]
+        rows.append({"candidate": k, **m,
+                     "ppl_generic_increase_pct": 100 * (m["perplexity_generic"] / bm["perplexity_generic"] - 1),
+                     "ppl_domain_increase_pct": 100 * (m["perplexity_domain"] / bm["perplexity_domain"] - 1),
+                     "routing_drop_pts": 100 * (bm["routing_accuracy"] - m["routing_accuracy"]),
+                     "passed": all(g.passed for g in verdicts[k]),
+                     "failed_gates": ", ".join(g.gate for g in verdicts[k] if not g.passed)})
+    table = pd.DataFrame(rows)
+    mlflow.log_table(table, "comparison.json")
+    mlflow.log_text(table.to_markdown(index=False, floatfmt=".3f"), "comparison.md")
+    mlflow.log_dict({k: [g.to_dict() for g in v] for k, v in verdicts.items()}, "gates.json")
+    mlflow.log_metrics({f"unquantized.{k}": float(v) for k, v in bm.items()})
+    for k, r in results.items():
+        mlflow.log_metrics({f"{k}.{m}": float(v) for m, v in r["metrics"].items()})
+    fig = plots.perplexity_vs_size_chart(
+        [{"name": r["candidate"], "size_mb": r["size_mb"], "generic_ppl": r["perplexity_generic"],
+          "domain_ppl": r["perplexity_domain"]} for r in rows], None,
+        f"{model_name}: {tc.bits}-bit candidates, perplexity against size on disk")
+    mlflow.log_figure(fig, "plots/perplexity_vs_size.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    side = [{"prompt": p, "unquantized": base["generations"][i],
+             **{k: r["generations"][i] for k, r in results.items()}} for i, p in enumerate(tc.generation_prompts)]
+    mlflow.log_dict({"generations": side}, "generations.json")
+    mlflow.log_text(pd.DataFrame(side).to_markdown(index=False), "generations.md")
+    finding = calibration_finding(results)
+    if finding:
+        mlflow.set_tag("finding.calibration", finding)
+        log.info("%s: %s", model_name, finding)
+
+    passing, nothing = decision.passing(model_name, f"{tc.bits}-bit", verdicts, run_id)
+    if nothing is not None:
+        return {**nothing, "unquantized": bm}
+    # Best: lowest MangaAssist perplexity, then the higher routing accuracy, then the smaller checkpoint.
+    best = min(passing, key=lambda k: (results[k]["metrics"]["perplexity_domain"],
+                                       -results[k]["metrics"]["routing_accuracy"], results[k]["metrics"]["size_mb"]))
+    meta = {"role": "llm", "method": best, "bits": tc.bits, "group_size": tc.group_size,
+            "calibration_version": version, "max_new_tokens": tc.max_new_tokens, "format": "compressed-tensors"}
+    model_uri = packaging.log_llm(Path(results[best]["checkpoint"]), meta)
+    lineage = {"calibration_version": version, "candidate_run_id": results[best]["run_id"],
+               "airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id, "format": "compressed-tensors"}
+    out = decision.register_challenger(
+        client, model_name=model_name, registered_name=tracking.registered_name(cfg, model_name), best=best,
+        model_uri=model_uri, stage_key=stage_key, run_id=run_id, lineage=lineage,
+        description=f"W{tc.bits}A16 {best} on calibration {version}")
+    return {**out, "metrics": results[best]["metrics"],
+            "headline": headline(results[best]["metrics"]), "unquantized": bm}
+
+
+def calibration_finding(results: dict) -> str | None:
+    """Does domain-matched calibration beat generic text? Compared per method on MangaAssist perplexity."""
+    out = []
+    for method in ("awq", "gptq"):
+        d, g = results.get(f"{method}-domain"), results.get(f"{method}-generic")
+        if d and g:
+            dp, gp = d["metrics"]["perplexity_domain"], g["metrics"]["perplexity_domain"]
+            dg, gg = d["metrics"]["perplexity_generic"], g["metrics"]["perplexity_generic"]
+            verdict = "beats" if dp < gp else "does not beat"
+            out.append(f"{method.upper()}: MangaAssist calibration {verdict} generic text on MangaAssist perplexity "
+                       f"({dp:.3f} vs {gp:.3f}); on generic text {dg:.3f} vs {gg:.3f}")
+    return "; ".join(out) or None
+
+
