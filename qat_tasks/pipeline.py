@@ -13,7 +13,7 @@ from datetime import date, datetime
 from qat_tasks.core import params as params_
 from qat_tasks.core import resilience
 from qat_tasks.core.config import ConfigError, PipelineConfig
-from qat_tasks.core.params import ParamError
+from qat_tasks.core.params import ParamError, previous_quarter
 from qat_tasks.core.tracking import RunContext
 
 log = logging.getLogger(__name__)
@@ -21,14 +21,6 @@ log = logging.getLogger(__name__)
 # Encoder roles take the INT8 track (champion, candidates in ONNX Runtime); the LLM takes the 4-bit track.
 TRACKS = frozenset({"intent_classifier", "escalation_detector", "reranker"})
 LLM_TRACKS = frozenset({"llm"})
-
-
-def previous_quarter(reference: date) -> tuple[date, date]:
-    """[start, end) of the calendar quarter before the one holding `reference`."""
-    q_start = date(reference.year, 3 * ((reference.month - 1) // 3) + 1, 1)
-    prev_month = q_start.month - 3
-    start = date(q_start.year - 1, prev_month + 12, 1) if prev_month < 1 else date(q_start.year, prev_month, 1)
-    return start, q_start
 
 
 def plan_run(cfg: PipelineConfig, params: dict, *, dag_id: str, run_id: str, run_type: str,

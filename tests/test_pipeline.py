@@ -2,7 +2,8 @@ from datetime import date, datetime
 
 import pytest
 
-from qat_tasks.pipeline import ParamError, plan_run, previous_quarter
+from qat_tasks.core.params import ParamError, previous_quarter
+from qat_tasks.pipeline import plan_run
 
 
 @pytest.mark.parametrize("ref,window", [

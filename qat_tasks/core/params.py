@@ -59,3 +59,11 @@ def check_window(start: date, end: date, max_days: int, what: str) -> None:
 def reference_day(reference: datetime | date | None) -> date:
     """The day a run is planned for: its logical date, else today (UTC)."""
     return reference.date() if isinstance(reference, datetime) else (reference or datetime.now(UTC).date())
+
+
+def previous_quarter(reference: date) -> tuple[date, date]:
+    """[start, end) of the calendar quarter before the one holding `reference`."""
+    q_start = date(reference.year, 3 * ((reference.month - 1) // 3) + 1, 1)
+    prev_month = q_start.month - 3
+    start = date(q_start.year - 1, prev_month + 12, 1) if prev_month < 1 else date(q_start.year, prev_month, 1)
+    return start, q_start

@@ -148,7 +148,7 @@ class ResumableBody(io.RawIOBase):
 
 class ServiceUnavailableError(RuntimeError):
     """S3 or the MLflow server did not answer through every retry: the task fails with this message; the
-    stage's finished work is kept (see README, Operations), so clearing the task reruns only what is left."""
+    stage's finished work is kept (docs/operations.md), so clearing the task reruns only what is left."""
 
 
 def explain(exc: BaseException, stage: str) -> BaseException:

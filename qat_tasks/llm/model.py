@@ -12,7 +12,7 @@ Sources (the LLM's `source` in a config):
   production), hf://meta-llama/Meta-Llama-3-8B-Instruct, state://subdir
 
 Dequantising a GGUF means its weights sit on a 4-bit grid already (Q4_1: blocks of 32 with a scale and a
-minimum), which flatters 4-bit re-quantization at group size 32; the track measures at 128 (see README).
+minimum), which flatters 4-bit re-quantization at group size 32; the track measures at 128 (docs/llm-4bit.md).
 """
 
 from __future__ import annotations

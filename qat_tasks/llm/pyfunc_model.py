@@ -1,5 +1,5 @@
 """MLflow "model from code" for the 4-bit fallback LLM. The artifact `checkpoint` is a compressed-tensors
-folder: production serves it with vLLM (`vllm serve <folder>`, see README); this wrapper runs it on CPU with
+folder: production serves it with vLLM (`vllm serve <folder>`, docs/llm-4bit.md); this wrapper runs it on CPU with
 transformers for review and smoke tests. Input: a DataFrame with a `prompt` column (one customer message per
 row); output: the greedy `completion` of the chat-formatted prompt."""
 
