@@ -15,7 +15,7 @@ def demo() -> dict:
 def test_shipped_profiles_parse():
     assert load_config(ROOT / "configs" / "demo.yaml").profile == "demo"
     prod = load_config(ROOT / "configs" / "production.yaml")
-    # The production profile carries the seed's calibration figures.
+    # The production profile carries the full-size calibration splits.
     assert (prod.calibration.sizes.evaluation, prod.calibration.sizes.qat_train) == (5500, 44000)
     assert prod.calibration.llm_conversations == 128
     assert prod.traffic.source.startswith("s3://") and prod.calibration_store.startswith("s3://")

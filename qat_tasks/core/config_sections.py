@@ -121,7 +121,7 @@ Candidate = Literal["ptq_dynamic", "ptq_static_minmax", "ptq_static_percentile",
 class QuantizationConfig(Strict):
     """Which INT8 candidates to build for an encoder, and how."""
 
-    # None: chosen by the seeds' rule (qat_tasks.encoders.int8.track.choose_candidates); a list overrides it.
+    # None: chosen by the candidate-selection rule (qat_tasks.encoders.int8.track.choose_candidates); a list overrides it.
     candidates: tuple[Candidate, ...] | None = None
     # Share of human-reviewed labels in the training split for the rule to count it as labelled.
     min_reviewed_fraction: Fraction = 0.3

@@ -1,5 +1,5 @@
 """What each encoder is for, as the INT8 track needs it: its labels, the metrics beyond the shared
-classification report, its promotion gates, what the seeds' rule reads as its tolerance, and a headline.
+classification report, its promotion gates, what the candidate-selection rule reads as its tolerance, and a headline.
 
   intent_classifier    ten intents; rare-class accuracy and escalation recall matter most
   escalation_detector  calm / frustrated; a threshold tuned for recall on held-out rows decides
@@ -25,7 +25,7 @@ class IntentRole:
     name = "intent_classifier"
     pair = False
     sensitivity_keys = ("accuracy", "rare_class_accuracy")
-    labelled_sources: tuple[str, ...] = ("reviewed",)  # label sources the seeds' rule counts as labels
+    labelled_sources: tuple[str, ...] = ("reviewed",)  # label sources the candidate-selection rule counts
 
     def __init__(self, cfg: PipelineConfig, model_name: str):
         self.cfg, self.mcfg = cfg, cfg.model(model_name)

@@ -1,6 +1,6 @@
 """Promotion gates: a candidate against the champion, measured on the same data in the same runtime.
 
-A failed gate names the failure mode and the fix the seeds recommend, so the MLflow run says what to do
+A failed gate names the failure mode and the usual fix, so the MLflow run says what to do
 next, not only that something is wrong.
 """
 
@@ -100,7 +100,7 @@ def _latency(candidate: dict, champion: dict, max_ratio: float) -> GateResult:
 
 def encoder_gates(candidate: dict, champion: dict, gates: EncoderGates, parity_ok: bool, agreement: float,
                   min_agreement: float) -> list[GateResult]:
-    """Intent-classifier gates; metrics are fractions, limits in percentage points where the seeds say so."""
+    """Intent-classifier gates; metrics are fractions, limits in percentage points where the gate says so."""
     out = [_parity(parity_ok, agreement, min_agreement)]
     for key, limit in (("accuracy", gates.max_accuracy_drop_pts),
                        ("rare_class_accuracy", gates.max_rare_class_accuracy_drop_pts),

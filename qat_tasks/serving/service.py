@@ -1,11 +1,7 @@
 """The serving component: an HTTP service that answers with @champion and mirrors every request to @shadow.
 
-  POST /v1/intent          {"text", "conversation_id"?, "turn"?, "request_id"?, "locale"?} -> the champion's answer
-  GET  /health             versions served, mirroring on/off, shadow state
-  GET  /metrics            Prometheus text: requests, champion latency, mirrored / answered / errors / timeouts /
-                           dropped mirrors, agreement, log records written
-  POST /admin/mirroring    {"enabled": bool}
-  POST /admin/reload       re-resolve the aliases now (they are also polled every serving.reload_interval_s)
+It holds the champion, the shadow, the mirror, the log writer and the alias polling; the HTTP routes (`app`) only
+call into it.
 
 The champion answers in the request path. The mirror goes to a bounded queue that the request never waits on (full:
 the mirror is dropped and counted). Shadow workers run at a lower CPU priority and give each call a deadline: an
@@ -13,7 +9,7 @@ exception is an error, a late answer a timeout. A call that hangs keeps its thre
 (at most MAX_STUCK_CALLS hung at once, beyond that mirrors are dropped until one returns). Both answers are logged
 in the traffic schema, so the service's logs are the next quarter's calibration source.
 
-The HTTP routes are `app`, the shadow's threads `executor` and `mirror`, the offline mode `replay`.
+The shadow's threads are `executor` and `mirror`; the offline mode is `replay`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ convert  unwraps the Linear layers with their QAT-adapted weights; the model is 
          quantized for ONNX Runtime (QDQ static or dynamic), the runtime production serves.
 
 Training with fake quantization and serving through ONNX Runtime keeps the serving path the same as for
-PTQ candidates; converted torch.ao/torchao models ran slower than FP32 on these CPUs (FINDINGS).
+PTQ candidates; converted torch.ao/torchao models ran slower than FP32 on x86 CPUs.
 """
 
 from __future__ import annotations

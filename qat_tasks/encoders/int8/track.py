@@ -118,7 +118,7 @@ PTQ_BASELINES = ("ptq_dynamic", "ptq_static_minmax", "ptq_static_percentile", "p
 
 
 def choose_candidates(qc, tolerance_pts: float, reviewed_fraction: float) -> tuple[tuple[str, ...], str]:
-    """The seeds' rule: tolerance under one point with labels -> QAT; without labels -> QAT by distillation
+    """The candidate-selection rule: tolerance under one point with labels -> QAT; without labels -> QAT by distillation
     from the FP32 teacher; looser tolerance -> PTQ. PTQ baselines are always measured for comparison.
     An explicit `quantization.candidates` list overrides the rule."""
     if qc.candidates is not None:
