@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from qat_tasks.core.config import ConfigError, parse_config
-from qat_tasks.data import public_data
+from qat_tasks.data import catalogue, public_data
 from qat_tasks.data import role_splits as role_data
 
 from .conftest import tiny_config_dict
@@ -103,8 +103,8 @@ def test_reranking_groups_hold_one_relevant_passage_among_twenty(tiny_config, ca
     train_groups = {r["group"] for r in splits["qat_train"]}
     assert len(splits["qat_train"]) == len(train_groups) * (1 + dc.train_negatives)
     product = next(rows for rows in groups.values() if rows[0]["source"] == "mangaassist")
-    title, vol, fmt = role_data.product_asked(product[0]["text"])
-    assert product[0]["text_pair"] == role_data.describe_product(title, vol, fmt)
+    title, vol, fmt = catalogue.product_asked(product[0]["text"])
+    assert product[0]["text_pair"] == catalogue.describe_product(title, vol, fmt)
 
 
 @pytest.mark.parametrize("text, asked", [
@@ -116,7 +116,7 @@ def test_reranking_groups_hold_one_relevant_passage_among_twenty(tiny_config, ca
     ("do you ship to Canada?", None),
 ])
 def test_product_searches_name_title_volume_and_format(text, asked):
-    assert role_data.product_asked(text) == asked
+    assert catalogue.product_asked(text) == asked
 
 
 def test_data_settings_for_the_wrong_role_are_rejected_by_name(traffic_dir):

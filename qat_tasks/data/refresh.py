@@ -38,7 +38,7 @@ from qat_tasks.data.calibration_set import (
     RefreshResult,
 )
 from qat_tasks.data.pii import scrub
-from qat_tasks.data.sampling import SPLITS, is_non_english, normalize, seeded_priority, split_of
+from qat_tasks.data.sampling import SPLITS, is_non_english, normalize, seed_key, seeded_priority, split_of
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
     cal = cfg.calibration
     source = cfg.traffic_source
     endpoint = cfg.traffic.s3_endpoint_url
-    key = cal.seed.to_bytes(8, "big", signed=True)
+    key = seed_key(cal.seed)
     edge_cfg = cal.edge_cases
     sizes = {s: getattr(cal.sizes, s) for s in SPLITS}
 
@@ -318,7 +318,7 @@ def _coverage(msg: str, key: str, policy: str, warnings: list[str]) -> None:
 
 def _select_conversations(conversations: dict, n: int, seed: int, warnings: list[str]) -> list[dict]:
     """n whole conversations from the calibration split, covering every intent, for LLM calibration."""
-    key = seed.to_bytes(8, "big", signed=True)
+    key = seed_key(seed)
     by_intent: dict[str, list[str]] = defaultdict(list)
     for cid, turns in conversations.items():
         for intent in {lbl for _, _, lbl in turns}:

@@ -10,8 +10,9 @@ calibration version and the public data, so every stage of a DAG run (and every 
                        and MangaAssist product searches (the product asked for among others of the catalog,
                        the same title's other volumes and formats first)
 
-Public rows are split by a seeded hash of their id with the calibration split fractions; traffic rows stay
-in the split the refresh put them in. `data.max_rows` caps each split (rows, or query groups).
+Public rows are split by a seeded hash of their id (data.sampling.public_split_of) with the calibration split
+fractions; traffic rows stay in the split the refresh put them in. `data.max_rows` caps each split (rows, or
+query groups).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from qat_tasks.data.public_data import (
     hutto_sentences,
     read_source,
 )
-from qat_tasks.data.sampling import SPLITS
+from qat_tasks.data.sampling import SPLITS, public_split_of, public_unit
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +78,9 @@ def load(cfg: PipelineConfig, model_name: str, calibration_uri: str) -> RoleSpli
     return _CACHE[key]
 
 
-def _unit(key: str, seed: int) -> float:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
-
-
-def _split_of(key: str, cfg: PipelineConfig) -> str:
-    u, fr = _unit(key, cfg.calibration.seed), cfg.calibration.split_fractions
-    return "calibration" if u < fr.calibration else ("qat_train" if u < fr.calibration + fr.qat_train else "evaluation")
-
-
 def _cap(items: list, n: int | None, seed: int, key=lambda x: x["id"]) -> list:
     """At most `n` items, chosen by a seeded hash (stable when more data arrives), in a stable order."""
-    ranked = sorted(items, key=lambda x: _unit(key(x), seed))
+    ranked = sorted(items, key=lambda x: public_unit(seed, key(x)))
     return ranked[:n] if n is not None else ranked
 
 
@@ -108,7 +100,7 @@ def escalation_splits(cfg: PipelineConfig, model_name: str, traffic: dict[str, l
         else:
             ambiguous += 1
             continue
-        rows[_split_of(s["id"], cfg)].append({"id": s["id"], "text": s["text"], "label": label,
+        rows[public_split_of(cfg, s["id"])].append({"id": s["id"], "text": s["text"], "label": label,
                                               "label_source": "human_rated", "source": s["corpus"],
                                               "language": "en"})
     for split, trows in traffic.items():
@@ -158,7 +150,7 @@ def rerank_splits(cfg: PipelineConfig, model_name: str, traffic: dict[str, list[
     by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
     for cid in dialogues:
         if sum(1 for m in dialogues[cid] if m) >= 2:
-            by_split[_split_of(f"chitchat:{cid}", cfg)].append(cid)
+            by_split[public_split_of(cfg, f"chitchat:{cid}")].append(cid)
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
     counts: dict[str, dict] = {}
     for split in SPLITS:

@@ -16,7 +16,7 @@ import numpy as np
 
 from qat_tasks.core import registry, tracking
 from qat_tasks.core.config import PipelineConfig
-from qat_tasks.data import role_splits as role_data
+from qat_tasks.data import role_splits
 from qat_tasks.data.calibration_set import load_manifest
 from qat_tasks.encoders import packaging
 from qat_tasks.encoders.training import train_classifier
@@ -69,7 +69,7 @@ def ensure_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str, 
 
     role = role_for(cfg, model_name)
     labels = role.labels
-    splits = role_data.load(cfg, model_name, calibration_uri)
+    splits = role_splits.load(cfg, model_name, calibration_uri)
     rows = splits["qat_train"]
     texts = inputs_of(rows)
     y = [labels.index(r["label"]) for r in rows]

@@ -101,7 +101,7 @@ def evaluate_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str
     """Evaluate the @champion version on this calibration version's evaluation rows, in ONNX Runtime."""
     import mlflow
 
-    from qat_tasks.data import role_splits as role_data
+    from qat_tasks.data import role_splits
     from qat_tasks.encoders.modeling import OnnxClassifier
     from qat_tasks.encoders.roles import role_for
 
@@ -117,7 +117,7 @@ def evaluate_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str
         return cached
 
     role = role_for(cfg, model_name)
-    splits = role_data.load(cfg, model_name, calibration_uri)
+    splits = role_splits.load(cfg, model_name, calibration_uri)
     rows = splits["evaluation"]
     with tracking.stage_run(exp_id, key, "evaluate-champion",
                             {**ctx.tags(), "calibration.version": manifest["version"], "stage": "evaluate-champion",

@@ -26,7 +26,7 @@ from qat_tasks.core import registry, storage, tracking
 from qat_tasks.core.config import PipelineConfig
 from qat_tasks.data.calibration_set import load_manifest, load_split
 from qat_tasks.data.pii import scrub
-from qat_tasks.data.sampling import is_non_english, seeded_priority
+from qat_tasks.data.sampling import is_non_english, seed_key, seeded_priority
 from qat_tasks.data.traffic_log import iter_records
 from qat_tasks.monitoring import statistics
 from qat_tasks.monitoring.distances import quantile_edges
@@ -45,7 +45,7 @@ def sample_traffic(root: str, start: date, end: date, n: int, seed: int,
     """A seeded sample of at most `n` requests logged in [start, end): valid records, one per request id (client
     retries log twice), shadow mirrors left out (the same request, answered by the shadow), personal data
     scrubbed as calibration scrubs it. The sample depends on the request ids, not on file order."""
-    key = seed.to_bytes(8, "big", signed=True)
+    key = seed_key(seed)
     stats: Counter = Counter()
     heap: list[tuple[int, str, dict]] = []
     members: set[str] = set()
@@ -119,7 +119,7 @@ def _reference_records(cfg: PipelineConfig, manifest: dict, calibration_uri: str
                 manifest["version"], start, end, manifest["source"])
     endpoint = cfg.traffic.s3_endpoint_url
     split_rows = load_split(calibration_uri, "calibration", endpoint) + load_split(calibration_uri, "evaluation", endpoint)
-    key = seed.to_bytes(8, "big", signed=True)
+    key = seed_key(seed)
     split_rows.sort(key=lambda r: seeded_priority(key, r["request_id"]))
     rows = [{"text": r["text"], "non_english": r["language"] != "en"} for r in split_rows[:n]]
     return rows, {"kind": "calibration splits", "uri": calibration_uri,

@@ -16,7 +16,7 @@ from pathlib import Path
 from qat_tasks.core import registry, tracking
 from qat_tasks.core.config import PipelineConfig
 from qat_tasks.core.schema import SERVED_ROLES
-from qat_tasks.data.sampling import seeded_priority, split_of
+from qat_tasks.data.sampling import seed_key, seeded_priority, split_of
 from qat_tasks.data.traffic_log import LogWriter, read_records
 from qat_tasks.promotion import shadow
 from qat_tasks.serving.models import ServedModel, ServingError
@@ -91,7 +91,7 @@ def replay_records(cfg: PipelineConfig, start: date, end: date):
             continue
         seen.add(r.request_id)
         chosen.append(r)
-    key = cfg.calibration.seed.to_bytes(8, "big", signed=True)
+    key = seed_key(cfg.calibration.seed)
     chosen.sort(key=lambda r: seeded_priority(key, r.request_id))
     chosen = sorted(chosen[: cfg.shadow.replay_max_requests], key=lambda r: r.timestamp)
     log.info("replaying %d logged requests of evaluation conversations from [%s, %s) (%d records read, %d invalid "

@@ -36,7 +36,7 @@ class Workbench:
     def __init__(self, cfg: PipelineConfig, model_name: str, calibration_uri: str, champion: dict, tmp: Path):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from qat_tasks.data import role_splits as role_data
+        from qat_tasks.data import role_splits
         from qat_tasks.encoders.int8 import ort_quant
         from qat_tasks.encoders.modeling import inputs_of
         from qat_tasks.encoders.roles import role_for
@@ -51,7 +51,7 @@ class Workbench:
                              f"{self.role.name} track expects {self.role.labels}")
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths["hf"])
         self.hf_model = AutoModelForSequenceClassification.from_pretrained(self.paths["hf"]).eval()
-        self.splits = role_data.load(cfg, model_name, calibration_uri)
+        self.splits = role_splits.load(cfg, model_name, calibration_uri)
         self.eval_rows, self.train_rows = self.splits["evaluation"], self.splits["qat_train"]
         self.trained: dict = {}  # QAT trainings shared by the candidates exported from them
         self.calib_texts = inputs_of(self.splits["calibration"])
