@@ -4,6 +4,7 @@
   qat-tasks generate-traffic --out data/traffic_sample --start 2026-07-01 --end 2026-10-01 --per-day 300
   qat-tasks generate-traffic --out .state/live-traffic --start 2026-11-22 --end 2026-11-23 --drift catalogue_launch
   qat-tasks refresh --start 2026-07-01 --end 2026-10-01 --reason "drift in checkout_help"
+  qat-tasks import-labels reviews.csv        # review labels from a labelling tool, joined by the next refresh
   qat-tasks run --reason "manual recalibration" [--models intent-classifier] [--start .. --end ..]
       (refresh, champion, champion evaluation, INT8 candidates, gates, @challenger; the LLM's 4-bit track)
   qat-tasks run --reason "requantize the LLM" --models fallback-llm --run-id cli__a1b2   # rerun: resumes
@@ -114,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--models", nargs="*")
         p.add_argument("--run-id", help="reuse to resume an interrupted run (default: a new id)")
 
+    p = sub.add_parser("import-labels", help="write a labelling tool's export (CSV or JSONL) as review labels")
+    p.add_argument("file", help="CSV with a header, or JSONL: request_id, reviewed_label, reviewer, reviewed_at")
+    p.add_argument("--out", help="traffic store to write to (default: serving.log_dir, else traffic.source)")
+
     p = sub.add_parser("serve", help="the HTTP service: @champion answers, @shadow is mirrored in the background")
     p.add_argument("--model", required=True)
     p.add_argument("--host")
@@ -162,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(dict(sorted(stats.items())), indent=1))
             return 0
         cfg = load_config(args.config)
+        if args.command == "import-labels":
+            from qat_tasks.data.labels import import_labels
+
+            result = import_labels(args.file, args.out or cfg.serving_log_dir, cfg.traffic.s3_endpoint_url)
+            print(json.dumps(result, indent=1))
+            return 1 if result["invalid"] and not result["written"] else 0
         if args.command == "serve":
             from qat_tasks.serving.app import serve
 

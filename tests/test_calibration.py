@@ -207,3 +207,66 @@ def test_a_failed_refresh_can_be_rerun_after_fixing_the_config(make_config, tmp_
     assert "above the limit" in runs[0].data.tags["error"]
     assert runs[1].data.tags["qat.previous_attempt"] == runs[0].info.run_id
     assert runs[1].data.params["max_invalid_fraction"] == "0.1"
+
+
+def _sets(uri: str) -> dict[str, list[dict]]:
+    """Every set a calibration version holds, as rows with conversation id and text (the LLM's as turns)."""
+    out = {s: load_split(uri, s) for s in SPLITS}
+    out["llm_calibration"] = [{"conversation_id": c["conversation_id"], "text": t["text"]}
+                              for c in load_split(uri, "llm_conversations") for t in c["turns"]]
+    return out
+
+
+def _overlaps(sets: dict[str, list[dict]]) -> dict[str, int]:
+    found = {}
+    names = sorted(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if {a, b} == {"calibration", "llm_calibration"}:
+                continue  # both calibrate (different models), neither judges: they draw on the same conversations
+            for key, norm in (("conversation_id", str), ("text", normalize)):
+                shared = {norm(r[key]) for r in sets[a]} & {norm(r[key]) for r in sets[b]}
+                if shared:
+                    found[f"{a}/{b} {key}"] = len(shared)
+    return found
+
+
+def test_no_conversation_and_no_text_sits_in_two_sets_even_when_traffic_collides(make_config, tmp_path):
+    """The same texts in many conversations of every split, and review labels on turns of each split: still no
+    text and no conversation that QAT training or evaluation shares with another set."""
+    from qat_tasks.data.labels import import_labels
+
+    phrases = [f"where is my order of {t} volume {v}" for t in ("Berserk", "Frieren", "Monster") for v in range(1, 11)]
+    day = tmp_path / "traffic" / "dt=2026-07-02"
+    day.mkdir(parents=True)
+    lines, labels = [], ["request_id,reviewed_label,reviewer,reviewed_at"]
+    for c in range(900):
+        for turn in range(3):
+            rid = f"req-{c}-{turn}"
+            text = phrases[(c * 7 + turn) % len(phrases)] if turn < 2 else f"thanks, that was message {c}"
+            intent = INTENTS[c % len(INTENTS)]
+            lines.append(json.dumps({"schema_version": 1, "event": "inference", "request_id": rid,
+                                     "conversation_id": f"conv-{c}", "turn": turn,
+                                     "timestamp": f"2026-07-02T{turn:02d}:00:00Z", "model": "m", "runtime": "onnxruntime",
+                                     "text": text, "intent": intent, "confidence": 0.9, "latency_ms": 5.0,
+                                     "reviewed_label": intent if c % 3 == 0 else None}))
+            if c % 3 == 1:
+                labels.append(f"{rid},{intent},annotator-1,2026-07-03T00:00:00Z")
+    (day / "collide.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "labels.csv").write_text("\n".join(labels) + "\n")
+    import_labels(tmp_path / "labels.csv", str(tmp_path / "traffic"))
+    cfg = make_config(traffic=str(tmp_path / "traffic"), **{"calibration__on_missing_intent": "warn",
+                                                           "calibration__on_underrepresented_intent": "warn"})
+    result = refresh(cfg, date(2026, 7, 1), date(2026, 7, 5), progress=False)
+    sets = _sets(result.uri)
+    assert all(sets[s] for s in sets), {s: len(v) for s, v in sets.items()}
+    assert _overlaps(sets) == {}
+    assert result.manifest["labels"]["joined"] > 0 and result.manifest["input"]["llm_turns_held_elsewhere"] > 0
+
+
+def test_the_bundled_sample_gives_disjoint_sets(make_config):
+    from qat_tasks.core.config import PROJECT_ROOT
+
+    cfg = make_config(traffic=str(PROJECT_ROOT / "data" / "traffic_sample"))
+    result = refresh(cfg, date(2026, 7, 1), date(2026, 10, 1), progress=False)
+    assert _overlaps(_sets(result.uri)) == {}

@@ -5,6 +5,7 @@ from pathlib import Path
 import yaml
 
 from qat_tasks.cli import main
+from qat_tasks.core.schema import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +27,7 @@ def test_generate_then_refresh(tmp_path, capsys, make_config, monkeypatch):
     files = sorted(out.glob("dt=*/*.jsonl"))
     assert len(files) == 7
     first = json.loads(files[0].read_text().splitlines()[0])
-    assert first["schema_version"] == 1 and first["event"] == "quantized_inference"
+    assert first["schema_version"] == SCHEMA_VERSION and first["event"] == "quantized_inference"
     cfg = make_config(traffic=str(out))
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))

@@ -89,7 +89,12 @@ class PipelineConfig(Strict):
 
     @property
     def serving_log_dir(self) -> str:
-        return self.resolve(self.serving.log_dir) if self.serving.log_dir else self.traffic_source
+        """Where the service logs: serving.log_dir (`state://sub` is under the state folder), else traffic.source."""
+        if not self.serving.log_dir:
+            return self.traffic_source
+        if self.serving.log_dir.startswith("state://"):
+            return str(self.state_path / self.serving.log_dir.removeprefix("state://"))
+        return self.resolve(self.serving.log_dir)
 
     # -- resolved locations -------------------------------------------------------------------------
     def resolve(self, path_or_uri: str) -> str:
@@ -118,6 +123,12 @@ class PipelineConfig(Strict):
     @property
     def traffic_source(self) -> str:
         return self.resolve(self.traffic.source)
+
+    @property
+    def traffic_roots(self) -> list[str]:
+        """Where the refresh reads logged traffic and review labels: traffic.source, and the service's own log
+        folder when it logs elsewhere (the embedded default logs under the state folder)."""
+        return [self.traffic_source] + ([self.serving_log_dir] if self.serving_log_dir != self.traffic_source else [])
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:

@@ -87,6 +87,8 @@ class CalibrationConfig(Strict):
     output: str | None = None  # None: <state_dir>/calibration; or s3://bucket/prefix
     sizes: SplitSizes
     llm_conversations: int = Field(default=128, gt=0)
+    # Review labels written up to this many days after the window still label its turns (a labelling queue's lag).
+    label_lookahead_days: int = Field(default=14, ge=0, le=92)
     split_fractions: SplitFractions = SplitFractions()
     min_per_intent: int = Field(default=20, ge=1)
     on_missing_intent: Literal["fail", "warn"] = "fail"

@@ -10,12 +10,16 @@ reviewed the turn, the true label. Records that do not fit are quarantined with 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-SCHEMA_VERSION = 1
+# Version 2 adds what the writer scrubbed (`pii_scrubbed`, counts by kind) and the review-label record; readers
+# take both versions.
+SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (1, 2)
 
 # The ten MangaAssist intents. escalation and checkout_help are rare in traffic and matter most.
 INTENTS: tuple[str, ...] = (
@@ -56,17 +60,26 @@ Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(not_blank
 Locale = Annotated[str, Field(min_length=1, max_length=MAX_LOCALE_CHARS)]
 
 
+def _aware(v: datetime) -> datetime:
+    if v.tzinfo is None:
+        raise ValueError("has no timezone (write UTC with a trailing Z)")
+    return v
+
+
+UtcTime = Annotated[datetime, AfterValidator(_aware)]
+
+
 class InferenceRecord(BaseModel):
     """One line of logged traffic (JSONL)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    schema_version: Literal[1]
+    schema_version: Literal[1, 2]
     event: Literal["quantized_inference", "inference", "shadow_inference"]
     request_id: RequestId
     conversation_id: ConversationId
     turn: Turn
-    timestamp: datetime
+    timestamp: UtcTime
     model: Annotated[str, Field(min_length=1)]
     runtime: Literal["onnxruntime", "pytorch", "transformers", "vllm"]
     text: Text
@@ -75,19 +88,35 @@ class InferenceRecord(BaseModel):
     latency_ms: Annotated[float, Field(ge=0.0)]
     reviewed_label: Intent | None = None
     locale: str | None = None
-
-    @field_validator("timestamp")
-    @classmethod
-    def _aware(cls, v: datetime) -> datetime:
-        if v.tzinfo is None:
-            raise ValueError("timestamp has no timezone (log UTC with a trailing Z)")
-        return v
+    # What the writer scrubbed from `text` before logging it: counts by kind ([EMAIL], [PHONE], ...), never values.
+    pii_scrubbed: dict[Annotated[str, Field(pattern=r"^[A-Z]{2,10}$")], Annotated[int, Field(ge=1)]] | None = None
 
 
-def parse_line(line: str | bytes) -> tuple[InferenceRecord | None, str | None]:
-    """Parse and validate one log line. Returns (record, None) or (None, reason)."""
+class ReviewLabel(BaseModel):
+    """A person's (or a labelling tool's) verdict on one logged turn, written any number of days after it, into
+    `labels-*` files of the traffic store's day partitions (the day it was reviewed). The refresh joins it to the
+    turn by request id; the latest review wins."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    schema_version: Literal[2]
+    event: Literal["review_label"]
+    request_id: RequestId
+    reviewed_label: Intent
+    reviewer: Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]  # who or what reviewed it
+    reviewed_at: UtcTime
+
+
+LABEL_FILE_PREFIX = "labels"  # review labels live in their own files: dt=YYYY-MM-DD/labels-*.jsonl[.gz]
+_LABEL_EVENT = re.compile(rb'"event"\s*:\s*"review_label"')
+
+
+def parse_line(line: str | bytes) -> tuple[InferenceRecord | ReviewLabel | None, str | None]:
+    """Parse and validate one log line: a logged turn or a review label. Returns (record, None) or (None, reason)."""
+    raw = line.encode() if isinstance(line, str) else line
+    model = ReviewLabel if _LABEL_EVENT.search(raw) else InferenceRecord
     try:
-        return InferenceRecord.model_validate_json(line), None
+        return model.model_validate_json(raw), None
     except ValidationError as exc:
         return None, summarize_error(exc)
 

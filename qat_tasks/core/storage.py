@@ -57,6 +57,11 @@ class LogFile:
     uri: str
     day: date
 
+    @property
+    def is_labels(self) -> bool:
+        """A file of review labels (`labels-*`), not of logged turns."""
+        return self.uri.rsplit("/", 1)[-1].startswith("labels")
+
 
 def list_log_files(root: str, start: date, end: date, endpoint_url: str | None = None) -> list[LogFile]:
     """Log files whose partition day is in [start, end), sorted by day then name (a stable read order)."""

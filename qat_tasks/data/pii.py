@@ -1,48 +1,219 @@
-"""Personal data scrubbing for calibration text.
+"""Personal data scrubbing: what a customer types about themselves never reaches storage.
 
-Emails, phone numbers, street addresses and payment-card numbers are replaced by typed placeholders
-([EMAIL], [PHONE], [ADDRESS], [CARD]) so that calibration sets never carry them, while the slot values
-the models need (titles, volume numbers, order numbers such as MA-2026-104233) survive.
+The serving component scrubs a request's text before it logs it, and the refresh scrubs every logged text again
+(logs written by older services, or by other writers), so neither the traffic store nor a calibration set, the
+quarantine or an MLflow artifact holds these values. Each is replaced by a typed placeholder:
+
+  [EMAIL]    addresses, also spelled out ("jane at example dot com", "jane(at)example(dot)com")
+  [CARD]     payment cards: 13 to 19 digits, written in a card's groups (4-4-4-4, 4-6-5) or Luhn-checked
+  [IBAN]     bank accounts, mod-97 checked
+  [SSN]      US social security numbers (3-2-4 digits)
+  [PHONE]    numbers Google's libphonenumber (`phonenumbers`) holds valid: international (+44 ..., 0044 ...,
+             E.164 without separators) and national formats of the shop's markets (US, GB, JP, DE, FR)
+  [IP]       IPv4 and IPv6 addresses
+  [ADDRESS]  street addresses (house numbers such as 12, 12B, 12-3; English, German and French street words),
+             PO boxes (P.O. Box, Postfach, BP), and postcodes of those markets written as part of an address
+             (US ZIP and ZIP+4 after a state, UK postcodes, JP 〒123-4567, DE/FR five digits before a town)
+
+Full-width characters (common from Japanese keyboards) are read as their ASCII forms. What is not scrubbed,
+on purpose: people's names (a customer's name is indistinguishable from a character's or an author's, and
+manga titles and character names are what the models must learn), and the slot values the models need:
+titles, volume numbers, prices, and order numbers such as MA-2026-104233, which are set aside before the
+number patterns run.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import Counter
 
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
-# 13-19 digits in groups of 4 (or unbroken): payment cards. Checked before phones.
-_CARD = re.compile(r"(?<![\w-])(?:\d{4}[ -]){3}\d{1,7}(?![\w-])|(?<![\w-])\d{15,19}(?![\w-])")
-# International or national numbers with separators; a bare run of digits (an order number) is not a phone.
-_PHONE = re.compile(
-    r"(?<![\w-])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?|\d{2,4}[\s.-])\d{3,4}[\s.-]\d{3,4}(?![\w-])"
+import phonenumbers
+
+REGIONS = ("US", "GB", "JP", "DE", "FR")  # the shop's markets: national phone formats read as these
+
+# Full-width ASCII forms and the ideographic space, mapped one character to one character, so a match found in
+# the mapped text has the same span in the original.
+_FULL_WIDTH = {**{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}, 0x3000: 0x20}
+_HAS_FULL_WIDTH = re.compile("[\uff01-\uff5e\u3000]")
+
+# Set aside before the number patterns run: order numbers the assistant needs (MA-2026-104233, #48213977) and
+# dates (2026-10-05, 10/12/2026, 10.12.2026), which libphonenumber would otherwise read as valid numbers.
+_PROTECTED = re.compile(r"\b(?i:[a-z]{2,3})-\d{4}-\d{4,8}\b|#\d{4,12}\b"
+                        r"|\b\d{4}-\d{1,2}-\d{1,2}\b|\b\d{1,2}[/.]\d{1,2}[/.](?:\d{4}|\d{2})\b")
+
+_AT = r"(?:\s*@\s*|\s*[(\[{]\s*at\s*[)\]}]\s*|\s+at\s+)"
+_DOT = r"(?:\s*\.\s*|\s*[(\[{]\s*dot\s*[)\]}]\s*|\s+dot\s+)"
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"
+                    rf"|\b[A-Za-z0-9._%+-]+{_AT}[A-Za-z0-9-]+(?:{_DOT}[A-Za-z0-9-]+)*{_DOT}(?:com|net|org|edu|gov|io|"
+                    r"co|me|jp|uk|de|fr|info|biz|us|ca|au)\b", re.IGNORECASE)
+_CARD = re.compile(r"(?<![\w.-])\d(?:[ .-]?\d){12,18}(?![\w-]|\.\d)")
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,3})?\b")
+_SSN = re.compile(r"(?<![\w-])\d{3}[- ]\d{2}[- ]\d{4}(?![\w-])")
+_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.]|\.\d)")
+_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+# A phone candidate: 7 to 15 digits, with the separators people type; libphonenumber decides.
+_PHONE = re.compile(r"(?<![\w+-])(?:\+|00)?\(?\d[\d\s().\-/]{5,20}\d(?![\w-])")
+
+_STREET_WORDS = (
+    r"street|st|avenue|ave|road|rd|boulevard|blvd|drive|dr|lane|ln|way|court|ct|place|pl|terrace|parkway|pkwy|"
+    r"close|crescent|gardens|square|sq|highway|hwy"
 )
-_STREET_TYPES = (
-    r"St(?:reet)?|Ave(?:nue)?|Rd|Road|Blvd|Boulevard|Dr(?:ive)?|Ln|Lane|Way|Ct|Court|Pl(?:ace)?|Terrace|Pkwy"
-)
-# Case-insensitive: customers type "12 pine road, springfield" as often as "12 Pine Road, Springfield".
-# Over-scrubbing a few trailing words is the safe failure; leaking an address is not.
+_HOUSE = r"\d{1,5}(?:[a-z]|-\d{1,4})?"
 _ADDRESS = re.compile(
-    r"\b\d{1,5}\s+(?:[a-z]+\.?\s+){1,3}(?:" + _STREET_TYPES + r")\b\.?"
-    r"(?:,?\s*(?:apt|unit|suite|#)\s*\w+)?(?:,\s*[a-z]+(?:\s[a-z]+)*)?(?:,?\s*[a-z]{2}\s+\d{5})?"
-    r"|\b\d{3}-\d{4}\s+\S+[都道府県]\S*",  # Japanese postal code + prefecture
+    # 12B Baker Street, Apt 5, Springfield, IL 62704
+    rf"\b{_HOUSE}\s+(?:[a-z]+\.?\s+){{1,3}}(?:{_STREET_WORDS})\b\.?"
+    r"(?:,?\s*(?:apt|unit|suite|flat|#)\s*\w+)?(?:,\s*[a-z]+(?:\s[a-z]+)*)?"
+    r"(?:,?\s*[a-z]{2}\s+\d{5}(?:-\d{4})?)?(?:,?\s*[a-z]{1,2}\d[a-z\d]?\s*\d[a-z]{2})?"
+    # Hauptstraße 5, 10115 Berlin / Musterstr. 12a
+    r"|\b[a-zäöüß]+(?:straße|strasse|str\.|weg|allee|platz|gasse)\s+\d{1,4}[a-z]?(?:,?\s*\d{5}\s+[a-zäöü]+)?"
+    # 12 rue de la Paix, 75002 Paris
+    r"|\b\d{1,4}(?:\s*(?:bis|ter))?,?\s+(?:rue|avenue|boulevard|bd|place|impasse|allée|chemin|quai)\s+"
+    r"(?:[a-zéèêàâîôûç'-]+\s+){0,4}[a-zéèêàâîôûç'-]+(?:,?\s*\d{5}\s+[a-zéèêàâîôûç-]+)?"
+    # P.O. Box 1234 / Postfach 12 34 56 / BP 123
+    r"|\b(?:p\.?\s*o\.?\s*box|post\s+office\s+box|postfach|b\.?p\.?)\s*\d[\d ]{0,8}\d?\b"
+    # UK postcode: SW1A 1AA, M1 1AE
+    r"|\b[a-z]{1,2}\d[a-z\d]?\s+\d[a-z]{2}\b"
+    # Japanese postal code (with or without 〒) and the prefecture after it
+    r"|〒\s*\d{3}-?\d{4}(?:\s*\S+?[都道府県])?|\b\d{3}-\d{4}\s+\S+[都道府県]\S*",
     re.IGNORECASE,
 )
 
-_PATTERNS = (("EMAIL", _EMAIL), ("CARD", _CARD), ("ADDRESS", _ADDRESS), ("PHONE", _PHONE))
-# Cheap pre-checks: most messages carry no PII, and a regex that cannot match should not run.
+# Cheap pre-checks: most messages carry no personal data, and a pattern that cannot match should not run.
 _HAS_DIGIT = re.compile(r"\d")
+_SPELLED_AT = re.compile(r"\bat\b|\(at\)|\[at\]", re.IGNORECASE)
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        n = int(d)
+        if i % 2:
+            n = n * 2 - 9 if n > 4 else n * 2
+        total += n
+    return total % 10 == 0
+
+
+def _iban_ok(candidate: str) -> bool:
+    s = re.sub(r"\s", "", candidate).upper()
+    if not 15 <= len(s) <= 34 or not s[4:].isalnum():
+        return False
+    moved = s[4:] + s[:4]
+    return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
+
+
+# How cards are written: 4-4-4-4 (most), 4-6-5 (American Express), 4-4-4-4-3. Written so, a number is a card even
+# when it fails the Luhn check (a customer's typo still carries most of the card); otherwise it must pass it.
+_CARD_GROUPS = {(4, 4, 4, 4), (4, 6, 5), (4, 4, 4, 4, 3), (4, 6, 4)}
+
+
+def _card_ok(candidate: str) -> bool:
+    digits = re.sub(r"\D", "", candidate)
+    if not 13 <= len(digits) <= 19:
+        return False
+    groups = tuple(len(g) for g in re.split(r"[ .-]", candidate))
+    # Three or more short groups (8374 4039 848 64045): card-shaped, a mistyped card more likely than anything else
+    # (no card number starts with 0: a leading 0 is a phone's trunk or international prefix)
+    card_shaped = not digits.startswith("0") and len(groups) >= 3 and all(2 <= g <= 6 for g in groups)
+    return groups in _CARD_GROUPS or card_shaped or _luhn(digits)
+
+
+def _ip_ok(candidate: str) -> bool:
+    try:
+        ipaddress.ip_address(candidate)
+    except ValueError:
+        return False
+    return candidate.count(":") >= 2 or candidate.count(".") == 3
+
+
+def _phone_ok(candidate: str) -> bool:
+    digits = sum(c.isdigit() for c in candidate)
+    if not 7 <= digits <= 15:
+        return False
+    text = candidate.strip()
+    bare = text.isdigit()
+    # A bare run of digits is an order or item number unless it dials like a phone: international (+, 00), a
+    # national trunk prefix (0: GB, JP, DE, FR) or the ten digits of a US number; and then it must be a valid
+    # number. Written with a phone's separators ((415) 555-0134, 030 1234 5678), a number of a possible length
+    # is scrubbed even when its area code is not assigned: leaking a number is the failure to avoid.
+    if bare and not (text.startswith("0") or len(text) == 10):
+        return False
+    if text.startswith("00"):
+        text = "+" + text[2:]
+    if text.startswith("+"):  # dialled internationally: a phone number, valid or mistyped
+        return True
+    regions = REGIONS
+    for region in regions:
+        try:
+            number = phonenumbers.parse(text, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(number) or (not bare and phonenumbers.is_possible_number(number)):
+            return True
+    return False
+
+
+# (kind, pattern, check of the matched text or None, which cheap pre-check the text must pass)
+_RULES = (
+    ("EMAIL", _EMAIL, None, "email"),
+    ("IBAN", _IBAN, _iban_ok, "digit"),
+    ("CARD", _CARD, _card_ok, "digit"),
+    ("SSN", _SSN, None, "digit"),
+    ("IP", _IPV4, None, "digit"),
+    ("IP", _IPV6, _ip_ok, "colon"),
+    ("ADDRESS", _ADDRESS, None, "address"),
+    ("PHONE", _PHONE, _phone_ok, "digit"),
+)
+
+
+def _replace(text: str, view: str, kind: str, pattern: re.Pattern, check, counts: Counter | None) -> tuple[str, str]:
+    """Replace the matches of `pattern` in `view` (which `check` accepts) at the same spans of `text`."""
+    out, out_view, last, n = [], [], 0, 0
+    for m in pattern.finditer(view):
+        if check is not None and not check(m.group(0)):
+            continue
+        out.append(text[last:m.start()])
+        out_view.append(view[last:m.start()])
+        out.append(f"[{kind}]")
+        out_view.append(f"[{kind}]")
+        last, n = m.end(), n + 1
+    if not n:
+        return text, view
+    if counts is not None:
+        counts[kind] += n
+    out.append(text[last:])
+    out_view.append(view[last:])
+    return "".join(out), "".join(out_view)
+
+
+def _protect(text: str, view: str, protected: list[str]) -> tuple[str, str]:
+    out, out_view, last = [], [], 0
+    for m in _PROTECTED.finditer(view):
+        protected.append(text[m.start():m.end()])
+        placeholder = f"\x00{len(protected) - 1}\x00"
+        out += [text[last:m.start()], placeholder]
+        out_view += [view[last:m.start()], placeholder]
+        last = m.end()
+    if not protected:
+        return text, view
+    return "".join(out) + text[last:], "".join(out_view) + view[last:]
 
 
 def scrub(text: str, counts: Counter | None = None) -> str:
-    """Replace personal data in `text`; add what was found to `counts` (by kind)."""
-    has_at = "@" in text
-    if not has_at and not _HAS_DIGIT.search(text):
+    """Replace personal data in `text`; add what was found to `counts` (by kind, never the values)."""
+    has_digit = _HAS_DIGIT.search(text) is not None
+    view = text.translate(_FULL_WIDTH) if _HAS_FULL_WIDTH.search(text) else text
+    has_digit = has_digit or view is not text and _HAS_DIGIT.search(view) is not None
+    has_at = "@" in view or _SPELLED_AT.search(view) is not None
+    if not has_digit and not has_at:
         return text
-    for kind, pattern in _PATTERNS:
-        if kind == "EMAIL" and not has_at:
-            continue
-        text, n = pattern.subn(f"[{kind}]", text)
-        if n and counts is not None:
-            counts[kind] += n
+    protected: list[str] = []
+    if has_digit:  # set order numbers aside, as placeholders no pattern matches
+        text, view = _protect(text, view, protected)
+    present = {"digit": has_digit, "email": has_at, "colon": ":" in view, "address": True}
+    for kind, pattern, check, needs in _RULES:
+        if present[needs] and (needs != "address" or has_digit):
+            text, view = _replace(text, view, kind, pattern, check, counts)
+    for i, value in enumerate(protected):
+        text = text.replace(f"\x00{i}\x00", value)
     return text

@@ -24,12 +24,12 @@ import math
 import os
 import tempfile
 from collections import Counter, defaultdict
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 from qat_tasks.core import storage
 from qat_tasks.core.config import PipelineConfig
-from qat_tasks.core.schema import INTENTS, parse_line, reason_category
+from qat_tasks.core.schema import INTENTS, ReviewLabel, parse_line, reason_category
 from qat_tasks.data.calibration_set import (
     MANIFEST_SCHEMA,
     EmptyWindowError,
@@ -37,6 +37,7 @@ from qat_tasks.data.calibration_set import (
     InvalidTrafficError,
     RefreshResult,
 )
+from qat_tasks.data.labels import read_labels
 from qat_tasks.data.pii import scrub
 from qat_tasks.data.sampling import SPLITS, is_non_english, normalize, seed_key, seeded_priority, split_of
 
@@ -90,6 +91,16 @@ class _Reservoir:
         return [row for _, _, row in sorted(self.heap, reverse=True)[:n]]
 
 
+def _listing(root: str, start: date, end: date, endpoint: str | None, required: bool) -> list:
+    """The log files of a root; a root other than traffic.source may not exist yet (no service has logged)."""
+    try:
+        return storage.list_log_files(root, start, end, endpoint)
+    except FileNotFoundError:
+        if required:
+            raise
+        return []
+
+
 def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = True) -> RefreshResult:
     cal = cfg.calibration
     source = cfg.traffic_source
@@ -98,11 +109,18 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
     edge_cfg = cal.edge_cases
     sizes = {s: getattr(cal.sizes, s) for s in SPLITS}
 
-    files = storage.list_log_files(source, start, end, endpoint)
+    roots = cfg.traffic_roots
+    files = [lf for root in roots for lf in _listing(root, start, end, endpoint, root == source) if not lf.is_labels]
     if not files:
-        raise EmptyWindowError(f"no traffic logs under {source} for the window [{start}, {end}): expected "
+        raise EmptyWindowError(f"no traffic logs under {' or '.join(roots)} for the window [{start}, {end}): expected "
                                f"dt=YYYY-MM-DD/*.jsonl[.gz] partitions. Check traffic.source and the window.")
-    log.info("refreshing calibration data from %d log file(s) under %s, window [%s, %s)", len(files), source, start, end)
+    log.info("refreshing calibration data from %d log file(s) under %s, window [%s, %s)", len(files), " and ".join(roots),
+             start, end)
+    lookahead = end + timedelta(days=cal.label_lookahead_days)
+    label_stats: Counter = Counter()
+    labels, bad_labels = read_labels(roots, start, lookahead, endpoint, label_stats)
+    joined: set[str] = set()
+    late = 0
 
     stats: Counter = Counter()
     reasons: Counter = Counter()
@@ -112,10 +130,21 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
     reservoirs: dict[tuple[str, str, bool], _Reservoir] = {}
     conversations: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
     seen_requests: set[int] = set()
-    seen_texts: set[int] = set()
+    text_owner: dict[int, str] = {}  # normalised text -> the split that holds it: no text in two sets
 
     qfile = tempfile.NamedTemporaryFile(prefix="quarantine-", suffix=".jsonl.gz", delete=False)  # noqa: SIM115
     quarantine = gzip.GzipFile(fileobj=qfile, mode="wb", mtime=0)
+
+    def quarantine_line(uri: str, lineno: int, reason: str, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\n")[:_QUARANTINE_RAW_CHARS]
+        # The quarantine keeps the evidence, minus personal data.
+        quarantine.write((json.dumps({"source": uri, "line": lineno, "reason": reason, "raw": scrub(text)},
+                                     ensure_ascii=False) + "\n").encode())
+
+    for uri, lineno, reason, raw in bad_labels:
+        stats["invalid"] += 1
+        reasons[reason_category(reason)] += 1
+        quarantine_line(uri, lineno, reason, raw)
 
     iterator = files
     bar = None
@@ -132,13 +161,12 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
                     stats["blank_lines"] += 1
                     continue
                 rec, reason = parse_line(raw)
-                if rec is None:
+                if rec is None or isinstance(rec, ReviewLabel):
+                    if rec is not None:  # labels are read from labels-* files only, before the turns
+                        reason = "event: a review label outside a labels-* file (write labels with import-labels)"
                     stats["invalid"] += 1
                     reasons[reason_category(reason)] += 1
-                    text = raw.decode("utf-8", "replace").rstrip("\n")[:_QUARANTINE_RAW_CHARS]
-                    # The quarantine keeps the evidence, minus personal data.
-                    quarantine.write((json.dumps({"source": lf.uri, "line": lineno, "reason": reason,
-                                                  "raw": scrub(text)}, ensure_ascii=False) + "\n").encode())
+                    quarantine_line(lf.uri, lineno, reason, raw)
                     continue
                 stats["valid"] += 1
                 day = rec.timestamp.date()
@@ -154,17 +182,27 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
                     continue
                 seen_requests.add(rid)
                 text = scrub(rec.text, pii)
-                label = rec.reviewed_label or rec.intent
+                review = labels.get(rec.request_id)
+                if review is not None:
+                    joined.add(rec.request_id)
+                    late += review.reviewed_at.date() >= end
+                reviewed = review.reviewed_label if review is not None else rec.reviewed_label
+                stats["reviewed_inline"] += review is None and rec.reviewed_label is not None
+                label = reviewed or rec.intent
                 traffic_intents[label] += 1
                 split = split_of(cfg, rec.conversation_id)
-                if split == "calibration":
-                    conversations[rec.conversation_id].append((rec.turn, text, label))
                 norm = hash(normalize(text))
-                if norm in seen_texts:
+                first = norm not in text_owner
+                owner = text_owner.setdefault(norm, split)
+                if split == "calibration":
+                    if owner == "calibration":  # whole conversations for the LLM, minus texts another set holds
+                        conversations[rec.conversation_id].append((rec.turn, text, label))
+                    else:
+                        stats["llm_turns_held_elsewhere"] += 1
+                if not first:
                     stats["duplicate_texts"] += 1
                     continue
-                seen_texts.add(norm)
-                if split == "evaluation" and rec.reviewed_label is None:
+                if split == "evaluation" and reviewed is None:
                     stats["evaluation_unreviewed_skipped"] += 1
                     continue
                 edge = []
@@ -178,7 +216,7 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
                 row = {
                     "request_id": rec.request_id, "conversation_id": rec.conversation_id, "turn": rec.turn,
                     "timestamp": rec.timestamp.isoformat(), "text": text, "label": label,
-                    "label_source": "reviewed" if rec.reviewed_label else "served_model",
+                    "label_source": "reviewed" if reviewed else "served_model",
                     "served_intent": rec.intent, "confidence": rec.confidence,
                     "language": "other" if non_en else "en", "edge": edge,
                 }
@@ -195,15 +233,19 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
         if bar is not None:
             bar.close()
 
+    label_report = {"records": labels.records, "joined": len(joined), "late": late,
+                    "conflicting": sum(len(labels.seen[r]) > 1 for r in joined),
+                    "orphaned": len(labels.latest) - len(joined), "lookahead_days": cal.label_lookahead_days,
+                    "files": label_stats["label_files"], "invalid": len(bad_labels)}
     try:
         return _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligible, reservoirs,
-                       conversations, Path(qfile.name))
+                       conversations, Path(qfile.name), {**label_report, "sources": roots})
     finally:
         os.unlink(qfile.name)
 
 
 def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligible, reservoirs, conversations,
-            quarantine_path: Path) -> RefreshResult:
+            quarantine_path: Path, label_report: dict) -> RefreshResult:
     cal = cfg.calibration
     store = cfg.calibration_store
     endpoint = cfg.traffic.s3_endpoint_url
@@ -236,6 +278,13 @@ def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligi
         _coverage(f"intent(s) {missing} have no traffic in [{start}, {end}): the quantized models would be "
                   f"calibrated and judged without them", "on_missing_intent", cal.on_missing_intent, warnings)
 
+    # The LLM's calibration conversations come from the calibration split's conversations (both sets calibrate,
+    # neither judges), minus any turn whose text QAT training or evaluation holds.
+    llm_rows = _select_conversations(conversations, cal.llm_conversations, cal.seed, warnings)
+    labelled = (f"{label_report['joined']} review label(s) joined, {stats['reviewed_inline']} reviewed in the logs; "
+                f"import labels with qat-tasks import-labels")
+    notes = {"evaluation": f" (evaluation takes reviewed turns only: {labelled})",
+             "other": f" (turns without a review carry the served model's label: {labelled})"}
     splits: dict[str, list[dict]] = {}
     split_meta: dict[str, dict] = {}
     for split in SPLITS:
@@ -254,7 +303,8 @@ def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligi
         short = {i: eligible[split][i] for i in INTENTS if eligible[split][i] < cal.min_per_intent}
         if short:
             _coverage(f"{split}: intent(s) under-represented (fewer than calibration.min_per_intent="
-                      f"{cal.min_per_intent} rows available): {short}", "on_underrepresented_intent",
+                      f"{cal.min_per_intent} rows available): {short}"
+                      + notes["evaluation" if split == "evaluation" else "other"], "on_underrepresented_intent",
                       cal.on_underrepresented_intent, warnings)
         if len(rows) < n:
             warnings.append(f"{split}: {len(rows)} rows available, fewer than the {n} asked for")
@@ -267,8 +317,6 @@ def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligi
             "label_sources": dict(Counter(r["label_source"] for r in rows)),
             "languages": dict(Counter(r["language"] for r in rows)),
         }
-
-    llm_rows = _select_conversations(conversations, cal.llm_conversations, cal.seed, warnings)
 
     payloads = {s: "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
                 for s, rows in splits.items()}
@@ -286,7 +334,9 @@ def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligi
                                              "duplicate_requests", "duplicate_texts", "evaluation_unreviewed_skipped",
                                              "shadow_records")},
                   "invalid_fraction": round(invalid_fraction, 6), "invalid_reasons": dict(reasons),
-                  "pii_scrubbed": dict(pii), "quarantine": quarantine_uri},
+                  "pii_scrubbed": dict(pii), "quarantine": quarantine_uri,
+                  "reviewed_inline": stats["reviewed_inline"], "llm_turns_held_elsewhere": stats["llm_turns_held_elsewhere"]},
+        "sources": label_report.pop("sources"), "labels": label_report,
         "traffic_intents": {i: traffic_intents[i] for i in INTENTS},
         "splits": {s: {**split_meta[s], "file": f"{s}.jsonl.gz", "sha256": digests[s]} for s in SPLITS},
         "llm_conversations": {"conversations": len(llm_rows), "turns": sum(len(c["turns"]) for c in llm_rows),

@@ -59,7 +59,8 @@ def refresh_tracked(cfg: PipelineConfig, start: date, end: date, ctx, progress: 
                             **{f"pii_scrubbed.{k}": v for k, v in inp["pii_scrubbed"].items()},
                             **{f"rows.{s}": m["splits"][s]["rows"] for s in SPLITS},
                             "llm_conversations": m["llm_conversations"]["conversations"],
-                            "warnings": len(m["warnings"])})
+                            "warnings": len(m["warnings"]),
+                            **{f"labels.{k}": v for k, v in m["labels"].items() if isinstance(v, int)}})
         mlflow.set_tags({"calibration.version": result.version, "calibration.uri": result.uri,
                          "calibration.sha256": m["content_sha256"]})
         mlflow.log_dict(m, "manifest.json")

@@ -23,9 +23,27 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from qat_tasks.core import storage
-from qat_tasks.core.schema import InferenceRecord, dump_record, parse_line, reason_category, summarize_error
+from qat_tasks.core.config import PROJECT_ROOT
+from qat_tasks.core.schema import (
+    InferenceRecord,
+    ReviewLabel,
+    dump_record,
+    parse_line,
+    reason_category,
+    summarize_error,
+)
 
 log = logging.getLogger(__name__)
+
+
+def refuse_bundled_sample(log_dir: str) -> None:
+    """The project's bundled traffic sample is read-only input: a service logging into it would leave the checkout
+    dirty and change what the next refresh over that day reads."""
+    bundled = (PROJECT_ROOT / "data").resolve()
+    if "://" not in log_dir and Path(log_dir).resolve().is_relative_to(bundled):
+        raise ValueError(f"serving.log_dir resolves to {log_dir}, inside the bundled sample folder {bundled}, which "
+                           f"is read-only input; log under the state folder (serving.log_dir: state://traffic) or to "
+                           f"the traffic store (an s3:// prefix)")
 
 
 class LogWriter:
@@ -33,6 +51,7 @@ class LogWriter:
 
     def __init__(self, root: str, endpoint_url: str | None = None, flush_records: int = 500,
                  flush_seconds: float = 10.0, prefix: str = "serving", max_buffered: int | None = None):
+        refuse_bundled_sample(root)
         self.root, self.endpoint_url, self.flush_records = root, endpoint_url, flush_records
         host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()) or "host"
         self.name = f"{prefix}-{host}-{os.getpid()}"
@@ -50,13 +69,16 @@ class LogWriter:
         self._flusher.start()
 
     def write(self, record: dict) -> None:
-        """Buffer one record; ValueError (naming the field) for a record the traffic schema refuses."""
+        """Buffer one record (a logged turn, or a review label); ValueError (naming the field) for a record the
+        traffic schema refuses."""
+        model = ReviewLabel if record.get("event") == "review_label" else InferenceRecord
         try:
-            rec = InferenceRecord.model_validate(record)
+            rec = model.model_validate(record)
         except ValidationError as exc:
             raise ValueError(f"not a valid traffic record, not logged: {summarize_error(exc)}") from None
         line = dump_record(rec.model_dump(mode="json"))
-        day = rec.timestamp.astimezone(UTC).date().isoformat()
+        at = rec.reviewed_at if isinstance(rec, ReviewLabel) else rec.timestamp
+        day = at.astimezone(UTC).date().isoformat()
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"log writer for {self.root} is closed")
@@ -145,11 +167,11 @@ class LogWriter:
         self.close()
 
 
-def iter_records(root: str, first_day: date, end_day: date, stats: Counter, endpoint_url: str | None = None
-                 ) -> Iterator[InferenceRecord]:
-    """Valid records of the dt= partitions in [first_day, end_day), streamed. `stats` counts files and invalid
+def iter_records(root: str, first_day: date, end_day: date, stats: Counter, endpoint_url: str | None = None,
+                 labels: list[ReviewLabel] | None = None) -> Iterator[InferenceRecord]:
+    """Valid logged turns of the dt= partitions in [first_day, end_day), streamed. `stats` counts files and invalid
     lines, with `invalid:<reason>` per reason: the refresh quarantines those lines, readers never drop them
-    silently."""
+    silently. Review labels are collected into `labels` when given (else counted as `labels`)."""
     for lf in storage.list_log_files(root, first_day, end_day, endpoint_url):
         stats["files"] += 1
         for raw in storage.open_lines(lf.uri, endpoint_url):
@@ -160,14 +182,21 @@ def iter_records(root: str, first_day: date, end_day: date, stats: Counter, endp
                 stats["invalid"] += 1
                 stats[f"invalid:{reason_category(reason)}"] += 1
                 continue
+            if isinstance(rec, ReviewLabel):
+                stats["labels"] += 1
+                if labels is not None:
+                    labels.append(rec)
+                continue
             yield rec
 
 
 def read_records(root: str, start: datetime, end: datetime, endpoint_url: str | None = None,
-                 events: set[str] | None = None) -> tuple[list[InferenceRecord], Counter]:
-    """Valid records with timestamp in [start, end) (and, given `events`, one of those events), in file order.
+                 events: set[str] | None = None, labels: list[ReviewLabel] | None = None
+                 ) -> tuple[list[InferenceRecord], Counter]:
+    """Valid records with timestamp in [start, end) (and, given `events`, one of those events), in file order;
+    the review labels of those days go into `labels` when given.
 
-    Stats: files, valid, invalid (and `invalid:<reason>`), outside_window, other_event.
+    Stats: files, valid, invalid (and `invalid:<reason>`), outside_window, other_event, labels.
     """
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError(f"read_records needs timezone-aware start and end (got {start!r}, {end!r}): "
@@ -176,7 +205,8 @@ def read_records(root: str, start: datetime, end: datetime, endpoint_url: str | 
     out = []
     # Partition days are UTC days; the last day the window touches is end's (minus a hair when end is midnight).
     last_day = (end.astimezone(UTC) - timedelta(microseconds=1)).date()
-    for rec in iter_records(root, start.astimezone(UTC).date(), last_day + timedelta(days=1), stats, endpoint_url):
+    for rec in iter_records(root, start.astimezone(UTC).date(), last_day + timedelta(days=1), stats, endpoint_url,
+                            labels):
         if not (start <= rec.timestamp < end):
             stats["outside_window"] += 1
         elif events is not None and rec.event not in events:

@@ -21,6 +21,7 @@ import numpy as np
 from qat_tasks.core import plots, registry, tracking
 from qat_tasks.core.config import PipelineConfig
 from qat_tasks.core.schema import INTENTS
+from qat_tasks.data.labels import index as labels_index
 from qat_tasks.promotion import gates
 from qat_tasks.promotion.release import PromotionError, promote
 
@@ -213,7 +214,12 @@ def review_live(cfg: PipelineConfig, model_name: str, ctx: tracking.RunContext, 
     due = since + timedelta(hours=cfg.shadow.live_window_hours)
     if now < due:
         return {"model": model_name, "outcome": f"v{mv.version} in shadow until {due.isoformat(timespec='minutes')}"}
-    records, stats = read_records(cfg.serving_log_dir, since, now, cfg.traffic.s3_endpoint_url)
+    found: list = []  # the review labels written in the same days, beside the mirrored turns
+    records, stats = read_records(cfg.serving_log_dir, since, now, cfg.traffic.s3_endpoint_url, labels=found)
+    records, joined = labels_index(found).join(records)
+    log.info("%s: %d review label(s) joined to the mirrored turns (%d orphaned, %d conflicting)", model_name,
+             joined["joined"], joined["orphaned"], joined["conflicting"])
     verdict = review(cfg, model_name, records, ctx, f"live {since.isoformat(timespec='minutes')}.."
                                                     f"{now.isoformat(timespec='minutes')}")
-    return {**act_on(cfg, model_name, verdict, ctx), "outcome": verdict["verdict"], "invalid_lines": stats.get("invalid", 0)}
+    return {**act_on(cfg, model_name, verdict, ctx), "outcome": verdict["verdict"], "invalid_lines": stats.get("invalid", 0),
+            "labels_joined": joined["joined"]}

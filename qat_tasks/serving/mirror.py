@@ -47,11 +47,12 @@ class Mirror:
         for i, ex in enumerate(self.executors):
             threading.Thread(target=self._work, args=(ex,), daemon=True, name=f"shadow-worker-{i}").start()
 
-    def submit(self, model: ServedModel, record: dict) -> None:
-        """Hand a request to the shadow; never blocks."""
+    def submit(self, model: ServedModel, record: dict, text: str) -> None:
+        """Hand a request to the shadow; never blocks. `text` is what the champion answered (the record holds the
+        scrubbed text that is logged), so both models see the same input."""
         self.counts.add("mirrored")
         try:
-            self.queue.put_nowait((model, record))
+            self.queue.put_nowait((model, record, text))
         except queue.Full:
             self.counts.add("dropped")
 
@@ -62,16 +63,16 @@ class Mirror:
     def _work(self, executor: Executor) -> None:
         lower_priority(self.nice)
         while True:
-            model, record = self.queue.get()
+            model, record, text = self.queue.get()
             try:
-                self._mirror(executor, model, record)
+                self._mirror(executor, model, record, text)
             except Exception:  # a bug here must not end the worker: later mirrors still run
                 self.counts.add("errors")
                 log.exception("mirroring a request to the shadow failed")
 
-    def _mirror(self, executor: Executor, model: ServedModel, record: dict) -> None:
+    def _mirror(self, executor: Executor, model: ServedModel, record: dict, text: str) -> None:
         try:
-            call = executor.call(lambda: model.predict([record["text"]]), self.timeout_s)
+            call = executor.call(lambda: model.predict([text]), self.timeout_s)
         except Saturated:
             self.counts.add("dropped")
             return

@@ -16,6 +16,7 @@ from pathlib import Path
 from qat_tasks.core import registry, tracking
 from qat_tasks.core.config import PipelineConfig
 from qat_tasks.core.schema import SERVED_ROLES
+from qat_tasks.data.labels import read_labels
 from qat_tasks.data.sampling import seed_key, seeded_priority, split_of
 from qat_tasks.data.traffic_log import LogWriter, read_records
 from qat_tasks.promotion import shadow
@@ -85,6 +86,10 @@ def replay_records(cfg: PipelineConfig, start: date, end: date):
     sample of at most shadow.replay_max_requests."""
     records, stats = read_records(cfg.traffic_source, datetime(start.year, start.month, start.day, tzinfo=UTC),
                                   datetime(end.year, end.month, end.day, tzinfo=UTC), cfg.traffic.s3_endpoint_url)
+    # The turns' review labels: written beside them, up to calibration.label_lookahead_days after the window.
+    labels, _ = read_labels(cfg.traffic_roots, start, end + timedelta(days=cfg.calibration.label_lookahead_days),
+                            cfg.traffic.s3_endpoint_url)
+    records, joined = labels.join(records)
     seen, chosen = set(), []
     for r in records:
         if r.event == "shadow_inference" or r.request_id in seen or split_of(cfg, r.conversation_id) != "evaluation":
@@ -95,7 +100,8 @@ def replay_records(cfg: PipelineConfig, start: date, end: date):
     chosen.sort(key=lambda r: seeded_priority(key, r.request_id))
     chosen = sorted(chosen[: cfg.shadow.replay_max_requests], key=lambda r: r.timestamp)
     log.info("replaying %d logged requests of evaluation conversations from [%s, %s) (%d records read, %d invalid "
-             "lines quarantined by the refresh)", len(chosen), start, end, len(records), stats.get("invalid", 0))
+             "lines quarantined by the refresh, %d review labels joined)", len(chosen), start, end, len(records),
+             stats.get("invalid", 0), joined["joined"])
     return chosen
 
 

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,7 +29,8 @@ import numpy as np
 from qat_tasks.core import registry, tracking
 from qat_tasks.core.config import PipelineConfig
 from qat_tasks.core.schema import SCHEMA_VERSION, SERVED_ROLES
-from qat_tasks.data.traffic_log import LogWriter
+from qat_tasks.data.pii import scrub
+from qat_tasks.data.traffic_log import LogWriter, refuse_bundled_sample
 from qat_tasks.serving.executor import MAX_STUCK_CALLS, in_thread
 from qat_tasks.serving.mirror import Counters, Mirror
 from qat_tasks.serving.models import ServedModel, ServingError, not_served
@@ -45,6 +46,7 @@ class Service:
         if role not in SERVED_ROLES:
             raise not_served(tracking.registered_name(cfg, model_name), role)
         self.cfg, self.model_name, self.mirroring = cfg, model_name, mirror
+        refuse_bundled_sample(cfg.serving_log_dir)
         self.workdir = Path(tempfile.mkdtemp(prefix="qat-serving-"))
         self.champion = ServedModel(cfg, model_name, registry.CHAMPION, self.workdir)
         self.shadow = self._load_shadow()
@@ -89,18 +91,20 @@ class Service:
         t0 = time.perf_counter()
         ((intent, conf),) = champion.predict([req.text])
         ms = (time.perf_counter() - t0) * 1000
+        scrubbed: Counter = Counter()
+        text = scrub(req.text, scrubbed)  # what reaches the log: never the customer's personal data
         self.counts.add("requests")
         self.latencies.append(ms)
         record = {"schema_version": SCHEMA_VERSION, "event": champion.event,
                   "request_id": req.request_id or f"req-{uuid.uuid4().hex}",
                   "conversation_id": req.conversation_id or f"conv-{uuid.uuid4().hex[:16]}", "turn": req.turn,
                   "timestamp": datetime.now(UTC), "model": champion.model_field, "runtime": "onnxruntime",
-                  "text": req.text, "intent": intent, "confidence": round(conf, 6), "latency_ms": round(ms, 3),
-                  "reviewed_label": None, "locale": req.locale}
+                  "text": text, "intent": intent, "confidence": round(conf, 6), "latency_ms": round(ms, 3),
+                  "reviewed_label": None, "locale": req.locale, "pii_scrubbed": dict(scrubbed) or None}
         self.log_record(record)
         shadow = self.shadow
         if self.mirroring and shadow is not None:
-            self.mirror.submit(shadow, record)
+            self.mirror.submit(shadow, record, req.text)
         return {"request_id": record["request_id"], "intent": intent, "confidence": conf,
                 "model": champion.registered, "version": champion.version, "latency_ms": round(ms, 3)}
 
