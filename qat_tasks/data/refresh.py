@@ -24,7 +24,7 @@ import math
 import os
 import tempfile
 from collections import Counter, defaultdict
-from datetime import date, timedelta
+from datetime import UTC, date, timedelta
 from pathlib import Path
 
 from qat_tasks.core import storage
@@ -141,10 +141,8 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
         quarantine.write((json.dumps({"source": uri, "line": lineno, "reason": reason, "raw": scrub(text)},
                                      ensure_ascii=False) + "\n").encode())
 
-    for uri, lineno, reason, raw in bad_labels:
-        stats["invalid"] += 1
-        reasons[reason_category(reason)] += 1
-        quarantine_line(uri, lineno, reason, raw)
+    for uri, lineno, reason, raw in bad_labels:  # counted in the manifest's labels block, kept as evidence
+        quarantine_line(uri, lineno, f"review label: {reason}", raw)
 
     iterator = files
     bar = None
@@ -185,7 +183,7 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
                 review = labels.get(rec.request_id)
                 if review is not None:
                     joined.add(rec.request_id)
-                    late += review.reviewed_at.date() >= end
+                    late += review.reviewed_at.astimezone(UTC).date() >= end
                 reviewed = review.reviewed_label if review is not None else rec.reviewed_label
                 stats["reviewed_inline"] += review is None and rec.reviewed_label is not None
                 label = reviewed or rec.intent
