@@ -49,7 +49,7 @@ SLOTS = ["order MA-2026-104233 hasn't arrived", "refund for ma-2026-33083728 pls
          "Kaiju No. 8 volume 12 is $10.99", "I need volumes 3 to 8 of Sakamoto Days", "is there free shipping over $50",
          "I get error E404 at checkout", "2 box sets of Berserk at 89.99 each", "Chainsaw Man vol 17 arrives 2026-10-05?",
          "I'm at home, ordered 3 volumes", "deliver before 10/12/2026", "ships in 2-4 days",
-         "Frieren volume 11, paperback, ships in 2-4 days"]
+         "Frieren volume 11, paperback, ships in 2-4 days", "is the Blue Lock v2 3rd edition out?"]
 
 
 def test_the_corpus_covers_every_kind_with_at_least_60_values():

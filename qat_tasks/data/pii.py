@@ -44,8 +44,8 @@ _PROTECTED = re.compile(r"\b(?i:[a-z]{2,3})-\d{4}-\d{4,8}\b|#\d{4,12}\b"
 
 _AT = r"(?:\s*@\s*|\s*[(\[{]\s*at\s*[)\]}]\s*|\s+at\s+)"
 _DOT = r"(?:\s*\.\s*|\s*[(\[{]\s*dot\s*[)\]}]\s*|\s+dot\s+)"
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"
-                    rf"|\b[A-Za-z0-9._%+-]+{_AT}[A-Za-z0-9-]+(?:{_DOT}[A-Za-z0-9-]+)*{_DOT}(?:com|net|org|edu|gov|io|"
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+_EMAIL_SPELLED = re.compile(rf"\b[A-Za-z0-9._%+-]+{_AT}[A-Za-z0-9-]+(?:{_DOT}[A-Za-z0-9-]+)*{_DOT}(?:com|net|org|edu|gov|io|"
                     r"co|me|jp|uk|de|fr|info|biz|us|ca|au)\b", re.IGNORECASE)
 _CARD = re.compile(r"(?<![\w.-])\d(?:[ .-]?\d){12,18}(?![\w-]|\.\d)")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,3})?\b")
@@ -64,7 +64,7 @@ _ADDRESS = re.compile(
     # 12B Baker Street, Apt 5, Springfield, IL 62704
     rf"\b{_HOUSE}\s+(?:[a-z]+\.?\s+){{1,3}}(?:{_STREET_WORDS})\b\.?"
     r"(?:,?\s*(?:apt|unit|suite|flat|#)\s*\w+)?(?:,\s*[a-z]+(?:\s[a-z]+)*)?"
-    r"(?:,?\s*[a-z]{2}\s+\d{5}(?:-\d{4})?)?(?:,?\s*[a-z]{1,2}\d[a-z\d]?\s*\d[a-z]{2})?"
+    r"(?:,?\s*[a-z]{2}\s+\d{5}(?:-\d{4})?)?"
     # Hauptstraße 5, 10115 Berlin / Musterstr. 12a
     r"|\b[a-zäöüß]+(?:straße|strasse|str\.|weg|allee|platz|gasse)\s+\d{1,4}[a-z]?(?:,?\s*\d{5}\s+[a-zäöü]+)?"
     # 12 rue de la Paix, 75002 Paris
@@ -72,16 +72,19 @@ _ADDRESS = re.compile(
     r"(?:[a-zéèêàâîôûç'-]+\s+){0,4}[a-zéèêàâîôûç'-]+(?:,?\s*\d{5}\s+[a-zéèêàâîôûç-]+)?"
     # P.O. Box 1234 / Postfach 12 34 56 / BP 123
     r"|\b(?:p\.?\s*o\.?\s*box|post\s+office\s+box|postfach|b\.?p\.?)\s*\d[\d ]{0,8}\d?\b"
-    # UK postcode: SW1A 1AA, M1 1AE
-    r"|\b[a-z]{1,2}\d[a-z\d]?\s+\d[a-z]{2}\b"
     # Japanese postal code (with or without 〒) and the prefecture after it
     r"|〒\s*\d{3}-?\d{4}(?:\s*\S+?[都道府県])?|\b\d{3}-\d{4}\s+\S+[都道府県]\S*",
     re.IGNORECASE,
 )
 
-# Cheap pre-checks: most messages carry no personal data, and a pattern that cannot match should not run.
-_HAS_DIGIT = re.compile(r"\d")
-_SPELLED_AT = re.compile(r"\bat\b|\(at\)|\[at\]", re.IGNORECASE)
+# UK postcodes (SW1A 1AA, M1 1AE), written in capitals: case-blind, "v2 3rd" would read as one.
+_UK_POSTCODE = re.compile(r"\b[A-Z]{1,2}\d[A-Z\d]?\s+\d[A-Z]{2}\b")
+
+# Cheap pre-checks: most messages carry no personal data, and a pattern that cannot match should not run. Each
+# rule needs a number of digits (counted at C speed) or a word the text must hold.
+_DIGITS = b"0123456789"
+_ADDRESS_WORDS = re.compile(rf"\b(?:{_STREET_WORDS}|rue|bd|impasse|allée|chemin|quai|box|postfach|bp|b\.p)\b|"
+                            r"stra(?:ße|sse)|str\.|weg\b|allee\b|platz\b|gasse\b|〒|[都道府県]")
 
 
 def _luhn(digits: str) -> bool:
@@ -153,23 +156,37 @@ def _phone_ok(candidate: str) -> bool:
     return False
 
 
-# (kind, pattern, check of the matched text or None, which cheap pre-check the text must pass)
+# (kind, pattern, check of the matched text or None, digits the text needs at least, pre-check of the text)
 _RULES = (
-    ("EMAIL", _EMAIL, None, "email"),
-    ("IBAN", _IBAN, _iban_ok, "digit"),
-    ("CARD", _CARD, _card_ok, "digit"),
-    ("SSN", _SSN, None, "digit"),
-    ("IP", _IPV4, None, "digit"),
-    ("IP", _IPV6, _ip_ok, "colon"),
-    ("ADDRESS", _ADDRESS, None, "address"),
-    ("PHONE", _PHONE, _phone_ok, "digit"),
+    ("EMAIL", _EMAIL, None, 0, lambda view, low: "@" in view),
+    ("EMAIL", _EMAIL_SPELLED, None, 0, lambda view, low: "@" in view or _spelled_at(low)),
+    ("IBAN", _IBAN, _iban_ok, 10, None),
+    ("CARD", _CARD, _card_ok, 13, None),
+    ("SSN", _SSN, None, 9, None),
+    ("IP", _IPV4, None, 4, lambda view, low: view.count(".") >= 3),
+    ("IP", _IPV6, _ip_ok, 1, lambda view, low: view.count(":") >= 2),
+    ("ADDRESS", _ADDRESS, None, 1, lambda view, low: _ADDRESS_WORDS.search(low) is not None),
+    ("ADDRESS", _UK_POSTCODE, None, 2, None),
+    ("PHONE", _PHONE, _phone_ok, 7, None),
 )
+
+
+def _digits(view: str) -> int:
+    raw = view.encode()
+    return len(raw) - len(raw.translate(None, _DIGITS))
+
+
+def _spelled_at(low: str) -> bool:
+    return " at " in low or "(at)" in low or "[at]" in low or "{at}" in low
 
 
 def _replace(text: str, view: str, kind: str, pattern: re.Pattern, check, counts: Counter | None) -> tuple[str, str]:
     """Replace the matches of `pattern` in `view` (which `check` accepts) at the same spans of `text`."""
+    first = pattern.search(view)
+    if first is None:
+        return text, view
     out, out_view, last, n = [], [], 0, 0
-    for m in pattern.finditer(view):
+    for m in pattern.finditer(view, first.start()):
         if check is not None and not check(m.group(0)):
             continue
         out.append(text[last:m.start()])
@@ -187,10 +204,12 @@ def _replace(text: str, view: str, kind: str, pattern: re.Pattern, check, counts
 
 
 def _protect(text: str, view: str, protected: list[str]) -> tuple[str, str]:
+    if not ("-" in view or "#" in view or "/" in view or "." in view) or _PROTECTED.search(view) is None:
+        return text, view
     out, out_view, last = [], [], 0
     for m in _PROTECTED.finditer(view):
         protected.append(text[m.start():m.end()])
-        placeholder = f"\x00{len(protected) - 1}\x00"
+        placeholder = f"\x00{chr(0xE000 + len(protected) - 1)}\x00"  # no digit: no rule counts it
         out += [text[last:m.start()], placeholder]
         out_view += [view[last:m.start()], placeholder]
         last = m.end()
@@ -201,19 +220,22 @@ def _protect(text: str, view: str, protected: list[str]) -> tuple[str, str]:
 
 def scrub(text: str, counts: Counter | None = None) -> str:
     """Replace personal data in `text`; add what was found to `counts` (by kind, never the values)."""
-    has_digit = _HAS_DIGIT.search(text) is not None
     view = text.translate(_FULL_WIDTH) if _HAS_FULL_WIDTH.search(text) else text
-    has_digit = has_digit or view is not text and _HAS_DIGIT.search(view) is not None
-    has_at = "@" in view or _SPELLED_AT.search(view) is not None
-    if not has_digit and not has_at:
+    low = view.lower()
+    digits = _digits(view)
+    if not digits and "@" not in view and not _spelled_at(low):
         return text
     protected: list[str] = []
-    if has_digit:  # set order numbers aside, as placeholders no pattern matches
+    if digits >= 8:  # set order numbers and dates aside, as placeholders no pattern matches
         text, view = _protect(text, view, protected)
-    present = {"digit": has_digit, "email": has_at, "colon": ":" in view, "address": True}
-    for kind, pattern, check, needs in _RULES:
-        if present[needs] and (needs != "address" or has_digit):
+        if protected:
+            low = view.lower()
+            digits = _digits(view)
+    for kind, pattern, check, min_digits, needs in _RULES:
+        if digits >= min_digits and (needs is None or needs(view, low)):
             text, view = _replace(text, view, kind, pattern, check, counts)
+            if kind == "ADDRESS":
+                low = view.lower()
     for i, value in enumerate(protected):
-        text = text.replace(f"\x00{i}\x00", value)
+        text = text.replace(f"\x00{chr(0xE000 + i)}\x00", value)
     return text
