@@ -278,7 +278,7 @@ def test_only_intent_classifiers_are_served(make_config):
     from qat_tasks.serving.models import ServingError
     from qat_tasks.serving.service import Service
 
-    with pytest.raises(ServingError, match="traffic schema v1 records intents"):
+    with pytest.raises(ServingError, match="traffic schema records intents"):
         Service(make_config(), "escalation-detector")
 
 

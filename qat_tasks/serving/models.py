@@ -22,7 +22,7 @@ class ServingError(RuntimeError):
 
 
 def not_served(name: str, role: str) -> ServingError:
-    return ServingError(f"{name} is a {role}: the traffic schema v1 records intents, so the escalation detector "
+    return ServingError(f"{name} is a {role}: the traffic schema records intents, so the escalation detector "
                         f"and reranker are not served by this component yet (only {', '.join(SERVED_ROLES)} models are)")
 
 
@@ -52,7 +52,7 @@ class ServedModel:
         unknown = sorted(set(meta["labels"]) - set(INTENTS))
         if unknown:
             raise ServingError(f"{self.registered} v{self.version} predicts {unknown}, which are not intents of the "
-                               f"traffic schema v1: its answers could not be logged")
+                               f"traffic schema: its answers could not be logged")
         self.precision = meta.get("precision", "fp32")
         self.role = meta.get("role", SERVED_ROLES[0])
         # Confidences are served (and logged, and reviewed) after the temperature scaling the offline evaluation

@@ -116,7 +116,7 @@ def shadow_challenger(cfg: PipelineConfig, decision: dict, window: dict, ctx: tr
     role = cfg.model(model_name).role
     if role not in SERVED_ROLES:
         return {"model": model_name, "outcome": f"v{version} stays @challenger: the serving component logs intents "
-                                                f"(traffic schema v1), so the {role.replace('_', ' ')} is not shadowed on live traffic"}
+                                                f"(the traffic schema records intents), so the {role.replace('_', ' ')} is not shadowed on live traffic"}
     deployed = shadow.deploy(cfg, model_name, version, ctx)
     if cfg.shadow.review == "live":
         return {"model": model_name, "outcome": f"v{version} in shadow since {deployed['deployed_at']}; the "
