@@ -222,8 +222,6 @@ def _overlaps(sets: dict[str, list[dict]]) -> dict[str, int]:
     names = sorted(sets)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            if {a, b} == {"calibration", "llm_calibration"}:
-                continue  # both calibrate (different models), neither judges: they draw on the same conversations
             for key, norm in (("conversation_id", str), ("text", normalize)):
                 shared = {norm(r[key]) for r in sets[a]} & {norm(r[key]) for r in sets[b]}
                 if shared:
@@ -233,7 +231,7 @@ def _overlaps(sets: dict[str, list[dict]]) -> dict[str, int]:
 
 def test_no_conversation_and_no_text_sits_in_two_sets_even_when_traffic_collides(make_config, tmp_path):
     """The same texts in many conversations of every split, and review labels on turns of each split: still no
-    text and no conversation that QAT training or evaluation shares with another set."""
+    text and no conversation in two sets, the LLM's calibration conversations included."""
     from qat_tasks.data.labels import import_labels
 
     phrases = [f"where is my order of {t} volume {v}" for t in ("Berserk", "Frieren", "Monster") for v in range(1, 11)]
@@ -262,6 +260,29 @@ def test_no_conversation_and_no_text_sits_in_two_sets_even_when_traffic_collides
     assert all(sets[s] for s in sets), {s: len(v) for s, v in sets.items()}
     assert _overlaps(sets) == {}
     assert result.manifest["labels"]["joined"] > 0 and result.manifest["input"]["llm_turns_held_elsewhere"] > 0
+    assert result.manifest["input"]["calibration_rows_left_to_llm"] > 0
+
+
+def test_a_small_calibration_split_is_shared_half_and_half_between_the_two_calibration_sets(make_config, tmp_path):
+    from qat_tasks.data.sampling import splitter
+
+    cfg = make_config(traffic=str(tmp_path / "traffic"), **{"calibration__on_missing_intent": "warn",
+                                                           "calibration__on_underrepresented_intent": "warn"})
+    split_of = splitter(cfg)
+    ids = [c for c in (f"conv-{i}" for i in range(400)) if split_of(c) == "calibration"][:6]
+    day = tmp_path / "traffic" / "dt=2026-07-02"
+    day.mkdir(parents=True)
+    day.joinpath("small.jsonl").write_text("".join(json.dumps({
+        "schema_version": 2, "event": "inference", "request_id": f"req-{c}-{t}", "conversation_id": c, "turn": t,
+        "timestamp": f"2026-07-02T0{t}:00:00Z", "model": "m", "runtime": "onnxruntime",
+        "text": f"message {t} of {c}", "intent": INTENTS[t], "confidence": 0.9, "latency_ms": 5.0}) + "\n"
+        for c in ids for t in range(2)))
+    result = refresh(cfg, date(2026, 7, 1), date(2026, 7, 5), progress=False)
+    m = result.manifest
+    assert cfg.calibration.llm_conversations > 3
+    assert m["llm_conversations"]["conversations"] == 3 and m["splits"]["calibration"]["rows"] == 6
+    assert any("3 of the calibration split's 6 conversations go to the LLM" in w for w in m["warnings"])
+    assert _overlaps(_sets(result.uri)) == {}
 
 
 def test_the_bundled_sample_gives_disjoint_sets(make_config):

@@ -168,4 +168,6 @@ def dataset(rows: list[dict], source_uri: str, name: str):
     import pandas as pd
 
     df = pd.DataFrame([{k: r[k] for k in DATASET_COLUMNS if k in r} for r in rows])
+    if df.empty:  # an empty split is still a dataset, with the columns a split has
+        df = pd.DataFrame(columns=["text", "label"])
     return mlflow.data.from_pandas(df, source=source_uri, name=name, targets="label")

@@ -5,7 +5,8 @@ One streaming pass, bounded memory (per split and intent, at most one split's wo
   read (folder or s3://, gzip or plain) -> validate (invalid lines counted and quarantined with the reason)
   -> keep the window -> scrub personal data -> drop repeated requests and repeated texts
   -> assign each conversation to one split by a seeded hash (no conversation, and no text, in two splits)
-  -> per split and intent keep the lowest-priority rows (seeded hash: independent of file order)
+  -> per split and intent keep the lowest-priority rows (seeded hash: independent of file order); the
+     calibration split's conversations are held whole until the LLM's conversations are chosen from them
   -> allocate per-intent quotas (traffic share with a floor for rare intents), reserving room for edge cases
   -> write the splits with a content hash; the version is the window plus that hash.
 
@@ -39,7 +40,7 @@ from qat_tasks.data.calibration_set import (
 )
 from qat_tasks.data.labels import read_labels
 from qat_tasks.data.pii import scrub
-from qat_tasks.data.sampling import SPLITS, is_non_english, normalize, seed_key, seeded_priority, split_of
+from qat_tasks.data.sampling import SPLITS, is_non_english, normalize, seed_key, seeded_priority, splitter
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
     key = seed_key(cal.seed)
     edge_cfg = cal.edge_cases
     sizes = {s: getattr(cal.sizes, s) for s in SPLITS}
+    split_of = splitter(cfg)
 
     roots = cfg.traffic_roots
     files = [lf for root in roots for lf in _listing(root, start, end, endpoint, root == source) if not lf.is_labels]
@@ -128,7 +130,8 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
     traffic_intents: Counter = Counter()
     eligible: dict[str, Counter] = {s: Counter() for s in SPLITS}
     reservoirs: dict[tuple[str, str, bool], _Reservoir] = {}
-    conversations: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+    conversations: dict[str, list[tuple[int, str, str, int]]] = defaultdict(list)
+    calibration_rows: list[tuple[int, str, dict, int]] = []  # the encoders' candidates, after the LLM's pick
     seen_requests: set[int] = set()
     text_owner: dict[int, str] = {}  # normalised text -> the split that holds it: no text in two sets
 
@@ -188,13 +191,13 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
                 stats["reviewed_inline"] += review is None and rec.reviewed_label is not None
                 label = reviewed or rec.intent
                 traffic_intents[label] += 1
-                split = split_of(cfg, rec.conversation_id)
+                split = split_of(rec.conversation_id)
                 norm = hash(normalize(text))
                 first = norm not in text_owner
                 owner = text_owner.setdefault(norm, split)
                 if split == "calibration":
                     if owner == "calibration":  # whole conversations for the LLM, minus texts another set holds
-                        conversations[rec.conversation_id].append((rec.turn, text, label))
+                        conversations[rec.conversation_id].append((rec.turn, text, label, norm))
                     else:
                         stats["llm_turns_held_elsewhere"] += 1
                 if not first:
@@ -218,11 +221,12 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
                     "served_intent": rec.intent, "confidence": rec.confidence,
                     "language": "other" if non_en else "en", "edge": edge,
                 }
+                prio = seeded_priority(key, rec.request_id)
+                if split == "calibration":
+                    calibration_rows.append((prio, rec.request_id, row, norm))
+                    continue
                 eligible[split][label] += 1
-                res_key = (split, label, bool(edge))
-                if res_key not in reservoirs:
-                    reservoirs[res_key] = _Reservoir(sizes[split])
-                reservoirs[res_key].offer(seeded_priority(key, rec.request_id), rec.request_id, row)
+                _offer(reservoirs, (split, label, bool(edge)), sizes[split], prio, rec.request_id, row)
             if bar is not None:
                 bar.set_postfix(lines=stats["lines"], invalid=stats["invalid"], refresh=False)
     finally:
@@ -236,18 +240,46 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
                     "orphaned": len(labels.latest) - len(joined), "lookahead_days": cal.label_lookahead_days,
                     "files": label_stats["label_files"], "invalid": len(bad_labels)}
     try:
+        warnings: list[str] = []
+        # Both calibration sets come from the calibration split: a small one is shared half and half at most.
+        n_llm = min(cal.llm_conversations, len(conversations) // 2)
+        if n_llm < cal.llm_conversations:
+            warnings.append(f"llm_conversations: {n_llm} of the calibration split's {len(conversations)} "
+                            f"conversations go to the LLM (fewer than the {cal.llm_conversations} asked for), so "
+                            f"that the encoders' calibration rows keep the other half")
+        llm_rows = _select_conversations(conversations, n_llm, cal.seed, warnings)
+        _calibration_after_llm(calibration_rows, llm_rows, conversations, eligible, reservoirs, sizes, stats)
         return _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligible, reservoirs,
-                       conversations, Path(qfile.name), {**label_report, "sources": roots})
+                       llm_rows, warnings, Path(qfile.name), {**label_report, "sources": roots})
     finally:
         os.unlink(qfile.name)
 
 
-def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligible, reservoirs, conversations,
-            quarantine_path: Path, label_report: dict) -> RefreshResult:
+def _offer(reservoirs: dict, res_key: tuple[str, str, bool], k: int, prio: int, rid: str, row: dict) -> None:
+    if res_key not in reservoirs:
+        reservoirs[res_key] = _Reservoir(k)
+    reservoirs[res_key].offer(prio, rid, row)
+
+
+def _calibration_after_llm(calibration_rows, llm_rows, conversations, eligible, reservoirs, sizes, stats) -> None:
+    """The encoders' calibration candidates, minus the LLM's conversations and every text they hold: the two
+    calibration sets share no conversation and no text. The LLM set is chosen first, since it needs whole
+    conversations covering every intent; the encoders need rows, and the calibration split has many more."""
+    llm_ids = {c["conversation_id"] for c in llm_rows}
+    llm_texts = {norm for cid in llm_ids for *_, norm in conversations[cid]}
+    for prio, rid, row, norm in calibration_rows:
+        if row["conversation_id"] in llm_ids or norm in llm_texts:
+            stats["calibration_rows_left_to_llm"] += 1
+            continue
+        eligible["calibration"][row["label"]] += 1
+        _offer(reservoirs, ("calibration", row["label"], bool(row["edge"])), sizes["calibration"], prio, rid, row)
+
+
+def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligible, reservoirs, llm_rows,
+            warnings: list[str], quarantine_path: Path, label_report: dict) -> RefreshResult:
     cal = cfg.calibration
     store = cfg.calibration_store
     endpoint = cfg.traffic.s3_endpoint_url
-    warnings: list[str] = []
     window = f"{start:%Y%m%d}-{end:%Y%m%d}"
 
     # The quarantine is written before any check can fail, so a failed run still leaves its evidence.
@@ -276,9 +308,6 @@ def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligi
         _coverage(f"intent(s) {missing} have no traffic in [{start}, {end}): the quantized models would be "
                   f"calibrated and judged without them", "on_missing_intent", cal.on_missing_intent, warnings)
 
-    # The LLM's calibration conversations come from the calibration split's conversations (both sets calibrate,
-    # neither judges), minus any turn whose text QAT training or evaluation holds.
-    llm_rows = _select_conversations(conversations, cal.llm_conversations, cal.seed, warnings)
     labelled = (f"{label_report['joined']} review label(s) joined, {stats['reviewed_inline']} reviewed in the logs; "
                 f"import labels with qat-tasks import-labels")
     notes = {"evaluation": f" (evaluation takes reviewed turns only: {labelled})",
@@ -333,7 +362,8 @@ def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligi
                                              "shadow_records")},
                   "invalid_fraction": round(invalid_fraction, 6), "invalid_reasons": dict(reasons),
                   "pii_scrubbed": dict(pii), "quarantine": quarantine_uri,
-                  "reviewed_inline": stats["reviewed_inline"], "llm_turns_held_elsewhere": stats["llm_turns_held_elsewhere"]},
+                  "reviewed_inline": stats["reviewed_inline"], "llm_turns_held_elsewhere": stats["llm_turns_held_elsewhere"],
+                  "calibration_rows_left_to_llm": stats["calibration_rows_left_to_llm"]},
         "sources": label_report.pop("sources"), "labels": label_report,
         "traffic_intents": {i: traffic_intents[i] for i in INTENTS},
         "splits": {s: {**split_meta[s], "file": f"{s}.jsonl.gz", "sha256": digests[s]} for s in SPLITS},
@@ -369,7 +399,7 @@ def _select_conversations(conversations: dict, n: int, seed: int, warnings: list
     key = seed_key(seed)
     by_intent: dict[str, list[str]] = defaultdict(list)
     for cid, turns in conversations.items():
-        for intent in {lbl for _, _, lbl in turns}:
+        for intent in {lbl for _, _, lbl, _ in turns}:
             by_intent[intent].append(cid)
     for cids in by_intent.values():
         cids.sort(key=lambda c: seeded_priority(key, c))
@@ -387,12 +417,12 @@ def _select_conversations(conversations: dict, n: int, seed: int, warnings: list
                 chosen.append(cid)
                 taken.add(cid)
     if len(chosen) < n:
-        warnings.append(f"llm_conversations: only {len(chosen)} conversations available, fewer than the {n} asked for")
+        warnings.append(f"llm_conversations: only {len(chosen)} conversations available, fewer than {n}")
     missing = [i for i in INTENTS if i not in by_intent]
     if missing:
         warnings.append(f"llm_conversations: no conversation covers {missing}")
     return [{"conversation_id": cid,
-             "turns": [{"turn": t, "text": x, "label": lbl} for t, x, lbl in sorted(conversations[cid])]}
+             "turns": [{"turn": t, "text": x, "label": lbl} for t, x, lbl, _ in sorted(conversations[cid])]}
             for cid in sorted(chosen)]
 
 

@@ -95,7 +95,7 @@ def _log_datasets(cfg: PipelineConfig, result: RefreshResult) -> None:
     m = result.manifest
     for split in SPLITS:
         rows = load_split(result.uri, split, cfg.traffic.s3_endpoint_url)
-        df = pd.DataFrame(rows).drop(columns=["edge"]) if rows else pd.DataFrame()
+        df = pd.DataFrame(rows).drop(columns=["edge"]) if rows else pd.DataFrame(columns=["request_id", "text", "label"])
         ds = mlflow.data.from_pandas(df, source=result.split_uri(split), name=f"{split}-{result.version}",
                                      targets="label")
         meta = m["splits"][split]

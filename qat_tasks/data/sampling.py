@@ -5,6 +5,7 @@ that marks non-English turns as edge cases."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 from qat_tasks.core.config import PipelineConfig
 
@@ -21,28 +22,27 @@ def seeded_priority(key: bytes, value: str) -> int:
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8, key=key).digest(), "big")
 
 
-def unit(seed: int, value: str) -> float:
-    """`value` hashed to [0, 1) under `seed`: where it falls decides its split."""
-    return seeded_priority(seed_key(seed), value) / 2**64
-
-
 def public_unit(seed: int, row_id: str) -> float:
     """A public data set's row id hashed to [0, 1) under `seed`: the split and the cap order of the VADER sentences
-    and chitchat dialogues. It is not `unit`, on purpose: registered champions were fine-tuned on the public rows
+    and chitchat dialogues. It is not the conversations' hash (`splitter`), on purpose: registered champions were fine-tuned on the public rows
     this hash puts in qat_train, and assigning those rows with the conversation hash would move about half of
     them into evaluation, judging every champion on its own training rows. Changing it needs new champions (a
     new calibration.seed), not an upgrade."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{row_id}".encode()).digest()[:8], "big") / 2**64
 
 
-def split_at(u: float, fractions) -> str:
-    """The split a point of [0, 1) falls in, cutting the interval at calibration.split_fractions."""
-    acc = 0.0
+def _bounds(fractions) -> list[tuple[float, str]]:
+    """Each split's upper end in [0, 1): calibration.split_fractions added up in split order."""
+    out, acc = [], 0.0
     for s in SPLITS:
         acc += getattr(fractions, s)
-        if u < acc:
-            return s
-    return SPLITS[-1]
+        out.append((acc, s))
+    return out
+
+
+def split_at(u: float, fractions) -> str:
+    """The split a point of [0, 1) falls in, cutting the interval at calibration.split_fractions."""
+    return next((s for end, s in _bounds(fractions) if u < end), SPLITS[-1])
 
 
 _NON_EN_HINTS = ("¿", "¡", " el ", " los ", " qu", " le ", " la ", " une ", " der ", " und ", " ist ", " você", " meu ",
@@ -52,7 +52,26 @@ _NON_EN_HINTS = ("¿", "¡", " el ", " los ", " qu", " le ", " la ", " une ", " 
 def split_of(cfg: PipelineConfig, conversation_id: str) -> str:
     """The split a conversation belongs to: a seeded hash of its id, so every quarter (and a shadow replay, which
     must not review on training rows) assigns it the same way."""
-    return split_at(unit(cfg.calibration.seed, conversation_id), cfg.calibration.split_fractions)
+    return splitter(cfg)(conversation_id)
+
+
+def splitter(cfg: PipelineConfig) -> Callable[[str], str]:
+    """`split_of` for one configuration, with the keyed hash and the split boundaries worked out once: the
+    refresh asks for every turn it reads."""
+    hasher = hashlib.blake2b(digest_size=8, key=seed_key(cfg.calibration.seed))
+    bounds = _bounds(cfg.calibration.split_fractions)
+    last = SPLITS[-1]
+
+    def split(conversation_id: str) -> str:
+        h = hasher.copy()
+        h.update(conversation_id.encode())
+        u = int.from_bytes(h.digest(), "big") / 2**64
+        for end, s in bounds:
+            if u < end:
+                return s
+        return last
+
+    return split
 
 
 def public_split_of(cfg: PipelineConfig, row_id: str) -> str:
@@ -63,9 +82,10 @@ def public_split_of(cfg: PipelineConfig, row_id: str) -> str:
 def is_non_english(text: str, locale: str | None) -> bool:
     if locale:
         return not locale.lower().startswith("en")
-    letters = [c for c in text if c.isalpha()]
-    if letters and sum(ord(c) > 0x24F for c in letters) / len(letters) > 0.3:  # CJK, Hangul, Cyrillic, ...
-        return True
+    if not text.isascii():  # mostly CJK, Hangul, Cyrillic, ... letters (ASCII letters never are)
+        letters = [c for c in text if c.isalpha()]
+        if letters and sum(ord(c) > 0x24F for c in letters) / len(letters) > 0.3:
+            return True
     padded = f" {text.lower()} "
     return any(h in padded for h in _NON_EN_HINTS)
 
