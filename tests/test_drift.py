@@ -156,6 +156,66 @@ def test_monitor_stays_quiet_on_an_undrifted_day_and_flags_a_catalogue_launch(mo
     assert empty["models"]["intent-classifier"]["verdict"] == "insufficient data" and empty["reason"] is None
 
 
+def test_wilson_interval_matches_published_values():
+    from qat_tasks.core.metrics import wilson_interval
+
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)  # Wilson 1927; Newcombe 1998, table I
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)  # nothing counted: nothing known
+
+
+def test_reviewed_figures_join_people_s_labels_to_the_champion_s_answers(monitored, tmp_path):
+    """The service logs the champion's answers without labels; once people's reviews are imported, the drift
+    check reports how often the champion agreed with them, with its interval, and logs it to MLflow."""
+    from qat_tasks.core.metrics import wilson_interval
+    from qat_tasks.core.schema import INTENTS
+    from qat_tasks.core.tracking import RunContext
+    from qat_tasks.data.labels import import_labels
+    from qat_tasks.monitoring import drift
+    from qat_tasks.serving.app import IntentRequest
+    from qat_tasks.serving.service import Service
+
+    cfg, client = monitored["cfg"], monitored["client"]
+    service = Service(cfg, "intent-classifier", mirror=False)
+    try:
+        answers = [service.answer(IntentRequest(text=f"where is my order of Frieren volume {i}", request_id=f"rv-{i}"))
+                   for i in range(30)]
+    finally:
+        service.close()
+    now = datetime.now(UTC)
+    today, tomorrow = now.date(), now.date() + NEXT
+    before = drift.monitor(cfg, today, tomorrow, RunContext("drift_monitor", "rv-before", "t", "test"))
+    assert before["models"]["intent-classifier"]["reviewed"]["turns"] == 0
+
+    def review(i: int, answer: str) -> str:
+        if i < 20:
+            return answer  # people agree
+        if i < 24:
+            return "escalation" if answer != "escalation" else "chitchat"  # a frustrated customer the model missed
+        return next(x for x in INTENTS if x != answer)
+
+    truth = {a["request_id"]: review(i, a["intent"]) for i, a in enumerate(answers)}
+    # ... and one label is for a request that was never logged
+    at = (now + timedelta(seconds=1)).isoformat().replace("+00:00", "Z")
+    export = tmp_path / "reviews.csv"
+    export.write_text("request_id,reviewed_label,reviewer,reviewed_at\n" + "".join(
+        f"{rid},{label},annotator-1,{at}\n" for rid, label in [*truth.items(), ("rv-never-logged", "chitchat")]))
+    assert import_labels(export, cfg.serving_log_dir)["written"] == 31
+
+    after = drift.monitor(cfg, today, tomorrow, RunContext("drift_monitor", "rv-after", "t", "test"))
+    figures = after["models"]["intent-classifier"]["reviewed"]
+    agree = sum(a["intent"] == truth[a["request_id"]] for a in answers)
+    assert figures["turns"] == 30 and figures["accuracy"] == pytest.approx(agree / 30)
+    assert figures["accuracy_ci95"] == [round(x, 4) for x in wilson_interval(agree, 30)]
+    escalations = [a for a in answers if truth[a["request_id"]] == "escalation"]
+    assert figures["escalation_turns"] == len(escalations) > 0
+    assert figures["escalation_recall"] == pytest.approx(
+        sum(a["intent"] == "escalation" for a in escalations) / len(escalations))
+    m = client.get_run(after["models"]["intent-classifier"]["run_id"]).data.metrics
+    assert m["reviewed.turns"] == 30 and m["reviewed.accuracy"] == pytest.approx(agree / 30)
+
+
 def _recalibration_runs():
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session

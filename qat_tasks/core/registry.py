@@ -23,6 +23,11 @@ SHADOW = "shadow"          # mirrored beside the champion, under review
 PREVIOUS = "previous"      # the champion before the last promotion: what rollback restores
 
 
+def served_model(name: str, version) -> str:
+    """The `model` field of the service's log records for a registered version."""
+    return f"{name}/v{version}"
+
+
 def served_size_bytes(name: str, alias: str) -> int | None:
     """Bytes of what production loads from `name@alias`: the ONNX graph of an encoder, the checkpoint folder of
     the LLM. None when the alias does not exist."""

@@ -26,6 +26,8 @@ from qat_tasks.core import params as params_
 from qat_tasks.core import tracking
 from qat_tasks.core.config import PipelineConfig
 from qat_tasks.core.config_operations import DriftConfig
+from qat_tasks.core.schema import SERVED_ROLES
+from qat_tasks.data.labels import read_labels
 from qat_tasks.monitoring import statistics
 from qat_tasks.monitoring.distances import ks, psi, psi_categorical
 from qat_tasks.monitoring.reference import _download, _reference_for, sample_traffic
@@ -140,12 +142,17 @@ def monitor(cfg: PipelineConfig, window_start: date, window_end: date, ctx: trac
         raise DriftError(f"models {unknown} are not monitored; drift models of profile {cfg.profile}: {cfg.drift_models}")
     client = tracking.configure(cfg)
     label = _window_label(window_start, window_end)
+    # Review labels of the window's turns, written then or up to calibration.label_lookahead_days after it.
+    labels, _ = read_labels([cfg.serving_log_dir], window_start,
+                            window_end + timedelta(days=cfg.calibration.label_lookahead_days), cfg.traffic.s3_endpoint_url)
+    reviewed: list[tuple[str, str, str]] = []
     try:
         records, read = sample_traffic(cfg.serving_log_dir, window_start, window_end, dcfg.max_rows,
-                                       cfg.calibration.seed, cfg.traffic.s3_endpoint_url)
+                                       cfg.calibration.seed, cfg.traffic.s3_endpoint_url, labels, reviewed)
     except FileNotFoundError:  # no service has logged there yet: every model gets "insufficient data"
         log.warning("no traffic log folder at %s (serving.log_dir, else traffic.source)", cfg.serving_log_dir)
         records, read = [], Counter()
+    read["labels"] = labels.records
     log.info("traffic %s under %s: %d valid request(s) in %d file(s), %d invalid line(s), %d shadow mirror(s) "
              "left out; %d sampled", label, cfg.serving_log_dir, read["valid"], read["files"], read["invalid"],
              read["shadow_skipped"], len(records))
@@ -160,7 +167,7 @@ def monitor(cfg: PipelineConfig, window_start: date, window_end: date, ctx: trac
             out[name] = {"verdict": "skipped", "why": "no @champion registered", "drift_score": None,
                          "top_features": [], "run_id": None}
             continue
-        result = _check_model(cfg, name, champion, records, read, window_start, window_end, ctx)
+        result = _check_model(cfg, name, champion, records, read, window_start, window_end, ctx, reviewed)
         out[name] = result
         if result["verdict"] == "drifted":
             drifted.append(name)
@@ -180,9 +187,30 @@ def monitor(cfg: PipelineConfig, window_start: date, window_end: date, ctx: trac
             "drift_key": drift_key}
 
 
+def reviewed_figures(cfg: PipelineConfig, served: str, reviewed: list[tuple[str, str, str]]) -> dict:
+    """How the served version's answers in the window compare with people's reviews of them: accuracy with its
+    95 % Wilson interval, rare-intent accuracy and escalation recall (None where no reviewed turn counts)."""
+    from qat_tasks.core.metrics import wilson_interval
+
+    mine = [(answer, truth) for model, answer, truth in reviewed if model == served]
+
+    def share(pairs) -> float | None:
+        return sum(a == t for a, t in pairs) / len(pairs) if pairs else None
+
+    correct = sum(a == t for a, t in mine)
+    low, high = wilson_interval(correct, len(mine))
+    rare = [(a, t) for a, t in mine if t in cfg.calibration.rare_intents]
+    escalations = [(a, t) for a, t in mine if t == "escalation"]
+    return {"turns": len(mine), "accuracy": share(mine), "accuracy_ci95": [round(low, 4), round(high, 4)],
+            "rare_accuracy": share(rare), "rare_turns": len(rare), "escalation_recall": share(escalations),
+            "escalation_turns": len(escalations), "other_versions_turns": len(reviewed) - len(mine)}
+
+
 def _check_model(cfg: PipelineConfig, name: str, champion, records: list[dict], read: Counter, start: date,
-                 end: date, ctx: tracking.RunContext) -> dict:
+                 end: date, ctx: tracking.RunContext, reviewed: list[tuple[str, str, str]]) -> dict:
     import mlflow
+
+    from qat_tasks.core import registry
 
     dcfg = cfg.drift
     exp_id = tracking.ensure_experiment(cfg, name)
@@ -211,6 +239,15 @@ def _check_model(cfg: PipelineConfig, name: str, champion, records: list[dict], 
                            "rows.live": len(records), "rows.reference": reference["rows"],
                            "reference.source": reference["source"]["kind"], "traffic": cfg.serving_log_dir})
         mlflow.log_metrics({"rows.live": len(records), "lines.invalid": read["invalid"]})
+        figures = None
+        if cfg.model(name).role in SERVED_ROLES:  # the service logs this model's answers: people reviewed them
+            figures = reviewed_figures(cfg, registry.served_model(tracking.registered_name(cfg, name), version), reviewed)
+            mlflow.log_metrics({f"reviewed.{k}": v for k, v in (
+                ("turns", figures["turns"]), ("accuracy", figures["accuracy"]),
+                ("accuracy_ci95_low", figures["accuracy_ci95"][0]), ("accuracy_ci95_high", figures["accuracy_ci95"][1]),
+                ("rare_accuracy", figures["rare_accuracy"]), ("escalation_recall", figures["escalation_recall"]))
+                if v is not None and (k == "turns" or figures["turns"])})
+            log.info("%s v%s: %s", name, version, _reviewed_text(figures, read["labels"]))
         if not enough:
             why = (f"{len(records)} request(s) logged in {label}, fewer than drift.min_rows={dcfg.min_rows}: "
                    f"no verdict")
@@ -220,9 +257,21 @@ def _check_model(cfg: PipelineConfig, name: str, champion, records: list[dict], 
             result = _log_comparison(name, version, reference, live, dcfg, label)
         mlflow.set_tags({"drift.verdict": result["verdict"], "mlflow.note.content": f"drift check {label}: "
                          f"{result.get('explanation') or result.get('why') or result['verdict']}"})
-        result.update(run_id=run.info.run_id, champion_version=version, calibration_version=calibration_version)
+        result.update(run_id=run.info.run_id, champion_version=version, calibration_version=calibration_version,
+                      reviewed=figures)
         tracking.set_result(result)
     return result
+
+
+def _reviewed_text(figures: dict, labels_read: int) -> str:
+    if not figures["turns"]:
+        return (f"no reviewed turn of this version in the window ({labels_read} review label(s) read): "
+                f"no reviewed figures")
+    lo, hi = figures["accuracy_ci95"]
+    out = f"{figures['turns']} reviewed turn(s): accuracy {figures['accuracy']:.3f} (95 % CI {lo:.3f}-{hi:.3f})"
+    if figures["escalation_turns"]:
+        out += f", escalation recall {figures['escalation_recall']:.3f} over {figures['escalation_turns']}"
+    return out
 
 
 def _log_comparison(name: str, version: str, reference: dict, live: dict, dcfg: DriftConfig, label: str) -> dict:

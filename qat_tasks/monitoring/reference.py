@@ -25,6 +25,7 @@ from pathlib import Path
 from qat_tasks.core import registry, storage, tracking
 from qat_tasks.core.config import PipelineConfig
 from qat_tasks.data.calibration_set import load_manifest, load_split
+from qat_tasks.data.labels import LabelIndex
 from qat_tasks.data.pii import scrub
 from qat_tasks.data.sampling import is_non_english, seed_key, seeded_priority
 from qat_tasks.data.traffic_log import iter_records
@@ -40,21 +41,31 @@ REFERENCE_SCHEMA = "mangaassist.drift-reference/1"
 
 
 # -- traffic -----------------------------------------------------------------------------------------------
-def sample_traffic(root: str, start: date, end: date, n: int, seed: int,
-                   endpoint_url: str | None = None) -> tuple[list[dict], Counter]:
+def sample_traffic(root: str, start: date, end: date, n: int, seed: int, endpoint_url: str | None = None,
+                   labels: LabelIndex | None = None, reviewed: list | None = None) -> tuple[list[dict], Counter]:
     """A seeded sample of at most `n` requests logged in [start, end): valid records, one per request id (client
     retries log twice), shadow mirrors left out (the same request, answered by the shadow), personal data
-    scrubbed as calibration scrubs it. The sample depends on the request ids, not on file order."""
+    scrubbed as calibration scrubs it. The sample depends on the request ids, not on file order.
+
+    With `reviewed`, every request of the window (sampled or not) with a reviewed intent (its review label in
+    `labels`, else one logged inline) is added to it as (the model that answered, its intent, the reviewed one)."""
     key = seed_key(seed)
     stats: Counter = Counter()
     heap: list[tuple[int, str, dict]] = []
     members: set[str] = set()
+    counted: set[str] = set()  # reviewed requests already counted (a retry is the same request)
     for rec in iter_records(root, start, end, stats, endpoint_url):
         if rec.event == "shadow_inference":
             stats["shadow_skipped"] += 1
             continue
         stats["valid"] += 1
         rid = rec.request_id
+        if reviewed is not None and rid not in counted:  # a review label, else one the writer logged inline
+            review = labels.get(rid) if labels is not None else None
+            truth = review.reviewed_label if review is not None else rec.reviewed_label
+            if truth is not None:
+                counted.add(rid)
+                reviewed.append((rec.model, rec.intent, truth))
         # A retry has the same id, hence the same priority: it is in the heap exactly when its twin is.
         if rid in members:
             stats["duplicate_requests"] += 1

@@ -28,11 +28,6 @@ from qat_tasks.promotion.release import PromotionError, promote
 log = logging.getLogger(__name__)
 
 
-def served_model(name: str, version) -> str:
-    """The `model` field of the service's log records for a registered version."""
-    return f"{name}/v{version}"
-
-
 # -- deploy ---------------------------------------------------------------------------------------------------------
 def deploy(cfg: PipelineConfig, model_name: str, version: str, ctx: tracking.RunContext) -> dict:
     """Point @shadow at `version` (idempotent) and record when, so a live review knows its window."""
@@ -56,7 +51,7 @@ def deploy(cfg: PipelineConfig, model_name: str, version: str, ctx: tracking.Run
 # -- review ---------------------------------------------------------------------------------------------------------
 def pair(records, name: str, champion_version, shadow_version):
     """Champion records of `champion_version` and the shadow's answers to the same requests."""
-    champ_model, shadow_model = served_model(name, champion_version), served_model(name, shadow_version)
+    champ_model, shadow_model = registry.served_model(name, champion_version), registry.served_model(name, shadow_version)
     champ = {r.request_id: r for r in records if r.event != "shadow_inference" and r.model == champ_model}
     shadow = {r.request_id: r for r in records if r.event == "shadow_inference" and r.model == shadow_model}
     return champ, [(champ[k], shadow[k]) for k in champ if k in shadow]

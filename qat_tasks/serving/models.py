@@ -66,7 +66,7 @@ class ServedModel:
         # A fast tokenizer refuses concurrent calls ("Already borrowed"): requests take turns for the few
         # microseconds of tokenization; the ONNX Runtime run (most of the time) is concurrent.
         self._tokenizer_lock = threading.Lock()
-        self.model_field = f"{self.registered}/v{self.version}"
+        self.model_field = registry.served_model(self.registered, self.version)
         self.event = "quantized_inference" if self.precision.startswith("int") else "inference"
 
     def predict(self, texts: list[str]) -> list[tuple[str, float]]:
