@@ -114,9 +114,13 @@ _LABEL_EVENT = re.compile(rb'"event"\s*:\s*"review_label"')
 def parse_line(line: str | bytes) -> tuple[InferenceRecord | ReviewLabel | None, str | None]:
     """Parse and validate one log line: a logged turn or a review label. Returns (record, None) or (None, reason)."""
     raw = line.encode() if isinstance(line, str) else line
-    model = ReviewLabel if _LABEL_EVENT.search(raw) else InferenceRecord
+    try:  # turns first: nearly every line is one
+        return InferenceRecord.model_validate_json(raw), None
+    except ValidationError as exc:
+        if _LABEL_EVENT.search(raw) is None:
+            return None, summarize_error(exc)
     try:
-        return model.model_validate_json(raw), None
+        return ReviewLabel.model_validate_json(raw), None
     except ValidationError as exc:
         return None, summarize_error(exc)
 

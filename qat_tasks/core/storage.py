@@ -101,12 +101,17 @@ def open_lines(uri: str, endpoint_url: str | None = None) -> Iterator[bytes]:
         body = ResumableBody(s3_client(endpoint_url), bucket, key)  # streamed; a broken read resumes in place
         try:
             reader = io.BufferedReader(body, buffer_size=1 << 20)
-            yield from (gzip.GzipFile(fileobj=reader) if uri.endswith(".gz") else reader)
+            yield from (_lines_of_gzip(reader) if uri.endswith(".gz") else reader)
         finally:
             body.close()
         return
     with open(uri, "rb", buffering=1 << 20) as fh:
-        yield from (gzip.GzipFile(fileobj=fh) if uri.endswith(".gz") else fh)
+        yield from (_lines_of_gzip(fh) if uri.endswith(".gz") else fh)
+
+
+def _lines_of_gzip(fileobj) -> io.BufferedReader:
+    """A gzip stream's lines, split in C by a buffered reader (GzipFile's own line iterator is Python code)."""
+    return io.BufferedReader(gzip.GzipFile(fileobj=fileobj), buffer_size=1 << 20)
 
 
 def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:

@@ -83,8 +83,20 @@ _UK_POSTCODE = re.compile(r"\b[A-Z]{1,2}\d[A-Z\d]?\s+\d[A-Z]{2}\b")
 # Cheap pre-checks: most messages carry no personal data, and a pattern that cannot match should not run. Each
 # rule needs a number of digits (counted at C speed) or a word the text must hold.
 _DIGITS = b"0123456789"
-_ADDRESS_WORDS = re.compile(rf"\b(?:{_STREET_WORDS}|rue|bd|impasse|allée|chemin|quai|box|postfach|bp|b\.p)\b|"
-                            r"stra(?:ße|sse)|str\.|weg\b|allee\b|platz\b|gasse\b|〒|[都道府県]")
+# The words an address needs, one of which the text must hold before the address pattern runs: a street word
+# (English or French), a PO box word, a German street suffix, or a Japanese postal mark or prefecture.
+_ADDRESS_WORDS = frozenset(_STREET_WORDS.split("|") + ["rue", "bd", "impasse", "allée", "chemin", "quai", "box",
+                                                        "postfach", "bp"])
+_WORD = re.compile(r"\w+")
+
+
+def _address_words(low: str) -> bool:
+    if not _ADDRESS_WORDS.isdisjoint(_WORD.findall(low)):
+        return True
+    if "b.p" in low or "stra" in low or "str." in low or "weg" in low or "allee" in low or "platz" in low \
+            or "gasse" in low:
+        return True
+    return not low.isascii() and ("〒" in low or "都" in low or "道" in low or "府" in low or "県" in low)
 
 
 def _luhn(digits: str) -> bool:
@@ -151,7 +163,7 @@ def _phone_ok(candidate: str) -> bool:
             number = phonenumbers.parse(text, region)
         except phonenumbers.NumberParseException:
             continue
-        if phonenumbers.is_valid_number(number) or (not bare and phonenumbers.is_possible_number(number)):
+        if (not bare and phonenumbers.is_possible_number(number)) or phonenumbers.is_valid_number(number):
             return True
     return False
 
@@ -159,14 +171,15 @@ def _phone_ok(candidate: str) -> bool:
 # (kind, pattern, check of the matched text or None, digits the text needs at least, pre-check of the text)
 _RULES = (
     ("EMAIL", _EMAIL, None, 0, lambda view, low: "@" in view),
-    ("EMAIL", _EMAIL_SPELLED, None, 0, lambda view, low: "@" in view or _spelled_at(low)),
-    ("IBAN", _IBAN, _iban_ok, 10, None),
+    ("EMAIL", _EMAIL_SPELLED, None, 0, lambda view, low: ("@" in view or _spelled_at(low))
+                                                         and ("." in view or "dot" in low)),
+    ("IBAN", _IBAN, _iban_ok, 10, lambda view, low: view != low),  # capitals: the country code
     ("CARD", _CARD, _card_ok, 13, None),
     ("SSN", _SSN, None, 9, None),
     ("IP", _IPV4, None, 4, lambda view, low: view.count(".") >= 3),
     ("IP", _IPV6, _ip_ok, 1, lambda view, low: view.count(":") >= 2),
-    ("ADDRESS", _ADDRESS, None, 1, lambda view, low: _ADDRESS_WORDS.search(low) is not None),
-    ("ADDRESS", _UK_POSTCODE, None, 2, None),
+    ("ADDRESS", _ADDRESS, None, 1, lambda view, low: _address_words(low)),
+    ("ADDRESS", _UK_POSTCODE, None, 2, lambda view, low: view != low),
     ("PHONE", _PHONE, _phone_ok, 7, None),
 )
 
@@ -204,18 +217,26 @@ def _replace(text: str, view: str, kind: str, pattern: re.Pattern, check, counts
 
 
 def _protect(text: str, view: str, protected: list[str]) -> tuple[str, str]:
-    if not ("-" in view or "#" in view or "/" in view or "." in view) or _PROTECTED.search(view) is None:
+    if not ("-" in view or "#" in view or "/" in view or "." in view):
         return text, view
-    out, out_view, last = [], [], 0
-    for m in _PROTECTED.finditer(view):
-        protected.append(text[m.start():m.end()])
-        placeholder = f"\x00{chr(0xE000 + len(protected) - 1)}\x00"  # no digit: no rule counts it
-        out += [text[last:m.start()], placeholder]
-        out_view += [view[last:m.start()], placeholder]
-        last = m.end()
-    if not protected:
+    spans: list[tuple[int, int]] = []
+
+    def placeholder(m: re.Match) -> str:  # no digit in it: no rule counts it
+        spans.append(m.span())
+        return f"\x00{chr(0xE000 + len(spans) - 1)}\x00"
+
+    new_view = _PROTECTED.sub(placeholder, view)
+    if not spans:
         return text, view
-    return "".join(out) + text[last:], "".join(out_view) + view[last:]
+    if view is text:
+        protected.extend(text[a:b] for a, b in spans)
+        return new_view, new_view
+    out, last = [], 0
+    for i, (a, b) in enumerate(spans):
+        protected.append(text[a:b])
+        out += [text[last:a], f"\x00{chr(0xE000 + i)}\x00"]
+        last = b
+    return "".join(out) + text[last:], new_view
 
 
 def scrub(text: str, counts: Counter | None = None) -> str:

@@ -133,6 +133,8 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
     conversations: dict[str, list[tuple[int, str, str, int]]] = defaultdict(list)
     calibration_rows: list[tuple[int, str, dict, int]] = []  # the encoders' candidates, after the LLM's pick
     seen_requests: set[int] = set()
+    seen_texts: set[int] = set()  # normalised texts as logged, before scrubbing: a repeat is not scrubbed again
+    pii_of_text: dict[int, Counter] = {}  # what scrubbing found in a text, counted again for each repeat
     text_owner: dict[int, str] = {}  # normalised text -> the split that holds it: no text in two sets
 
     qfile = tempfile.NamedTemporaryFile(prefix="quarantine-", suffix=".jsonl.gz", delete=False)  # noqa: SIM115
@@ -182,7 +184,6 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
                     stats["duplicate_requests"] += 1
                     continue
                 seen_requests.add(rid)
-                text = scrub(rec.text, pii)
                 review = labels.get(rec.request_id)
                 if review is not None:
                     joined.add(rec.request_id)
@@ -192,8 +193,22 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
                 label = reviewed or rec.intent
                 traffic_intents[label] += 1
                 split = split_of(rec.conversation_id)
-                norm = hash(normalize(text))
-                first = norm not in text_owner
+                raw_norm = hash(normalize(rec.text))
+                repeated = raw_norm in seen_texts  # as typed before: scrubbed, the same text again
+                if repeated:
+                    pii.update(pii_of_text.get(raw_norm, ()))
+                    if split != "calibration":
+                        stats["duplicate_texts"] += 1
+                        continue
+                seen_texts.add(raw_norm)
+                # A repeated text is scrubbed again only for the LLM's whole conversations (counted above).
+                found: Counter = Counter()
+                text = scrub(rec.text, None if repeated else found)
+                if found:
+                    pii.update(found)
+                    pii_of_text[raw_norm] = found
+                norm = raw_norm if text == rec.text else hash(normalize(text))
+                first = not repeated and norm not in text_owner
                 owner = text_owner.setdefault(norm, split)
                 if split == "calibration":
                     if owner == "calibration":  # whole conversations for the LLM, minus texts another set holds
