@@ -259,6 +259,9 @@ def test_no_conversation_and_no_text_sits_in_two_sets_even_when_traffic_collides
     sets = _sets(result.uri)
     assert all(sets[s] for s in sets), {s: len(v) for s, v in sets.items()}
     assert _overlaps(sets) == {}
+    print("\ncolliding traffic:", {s: len(v) for s, v in sets.items()}, "rows; overlaps", _overlaps(sets),
+          {k: result.manifest["input"][k] for k in ("duplicate_texts", "llm_turns_held_elsewhere",
+                                                    "calibration_rows_left_to_llm")})
     assert result.manifest["labels"]["joined"] > 0 and result.manifest["input"]["llm_turns_held_elsewhere"] > 0
     assert result.manifest["input"]["calibration_rows_left_to_llm"] > 0
 
@@ -290,4 +293,8 @@ def test_the_bundled_sample_gives_disjoint_sets(make_config):
 
     cfg = make_config(traffic=str(PROJECT_ROOT / "data" / "traffic_sample"))
     result = refresh(cfg, date(2026, 7, 1), date(2026, 10, 1), progress=False)
-    assert _overlaps(_sets(result.uri)) == {}
+    sets = _sets(result.uri)
+    assert _overlaps(sets) == {}
+    print("\nbundled sample:", {s: len(v) for s, v in sets.items()}, "rows; overlaps", _overlaps(sets),
+          {k: result.manifest["input"][k] for k in ("duplicate_texts", "llm_turns_held_elsewhere",
+                                                    "calibration_rows_left_to_llm")})

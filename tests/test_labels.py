@@ -118,6 +118,9 @@ def test_refresh_joins_labels_latest_wins_late_conflicting_and_orphaned_are_coun
     assert evaluation and all(r["label_source"] == "reviewed" for r in evaluation)
     assert all(r["label"] == taken[r["request_id"]][0] for r in evaluation)  # the labels people gave
     rows = {r["request_id"]: r for s in ("calibration", "qat_train", "evaluation") for r in load_split(cal.uri, s)}
+    print(f"\nlabel join: {len(taken)} labels taken out of the logs, {result['written']} imported; joined "
+          f"{report['joined']}, late {report['late']}, conflicting {report['conflicting']}, orphaned "
+          f"{report['orphaned']} ({len(beyond)} reviewed past the {report['lookahead_days']}-day look-ahead not read)")
     if conflict_id in rows:
         assert rows[conflict_id]["label"] == taken[conflict_id][0]  # the latest review wins
 
@@ -177,6 +180,13 @@ def test_label_loop_on_the_service_own_logs_reaches_a_refresh_and_a_live_review(
     assert evaluation and all(r["label_source"] == "reviewed" for r in evaluation)
     after = shadow.review_live(cfg, "intent-classifier", _ctx("live-2"), now=now + timedelta(hours=2))
     assert after["outcome"] in ("passed", "failed") and after["labels_joined"] == len(truth)
+    report = cal.manifest["labels"]
+    print(f"\nlabel loop: {sum(r.event != 'shadow_inference' for r in logged)} turns logged by the service "
+          f"(+{sum(r.event == 'shadow_inference' for r in logged)} shadow answers), none labelled; without labels: "
+          f"refresh failed (0 joined), live review {before['outcome']}; {len(rows)} labels imported; refresh: "
+          f"joined {report['joined']}, late {report['late']}, conflicting {report['conflicting']}, orphaned "
+          f"{report['orphaned']}, evaluation rows {len(evaluation)}; live review: {after['outcome']} "
+          f"({after['labels_joined']} labels joined)")
 
 
 def _ctx(run_id: str):
