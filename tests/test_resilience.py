@@ -87,6 +87,36 @@ def test_an_unreachable_mlflow_server_is_named_and_other_errors_pass_through(mon
     assert resilience.explain(bug, "intent-classifier") is bug  # not an outage: surfaces as it is
 
 
+def test_registry_lookups_say_none_only_when_the_registry_answers_none(monkeypatch, tmp_path):
+    """'No such version' from a registry that answered means register or bootstrap; from one that did not answer
+    it would mean a second version of the same stage, or a second champion. So an outage raises, named."""
+    import socket
+
+    from mlflow import MlflowClient
+
+    from qat_tasks.core import registry
+
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert registry.find_version(store, "mangaassist-intent-classifier", "run:stage") is None
+    assert registry.alias_version(store, "mangaassist-intent-classifier", registry.CHAMPION) is None
+    store.create_registered_model("mangaassist-intent-classifier")
+    assert registry.alias_version(store, "mangaassist-intent-classifier", registry.CHAMPION) is None
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    down = MlflowClient(f"http://127.0.0.1:{port}")
+    for lookup in (lambda: registry.find_version(down, "mangaassist-intent-classifier", "run:stage"),
+                   lambda: registry.alias_version(down, "mangaassist-intent-classifier", registry.CHAMPION),
+                   lambda: registry.register(down, "mangaassist-intent-classifier", "runs:/x/model", "run:stage",
+                                             "x", {}, "d")):
+        with pytest.raises(Exception) as info:
+            lookup()
+        assert resilience.unavailable(info.value) == f"the MLflow server at http://127.0.0.1:{port}"
+
+
 def test_configure_gives_mlflow_the_policy_but_an_operators_setting_wins(monkeypatch):
     saved = resilience.policy()
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)

@@ -48,14 +48,26 @@ def served_size_bytes(name: str, alias: str) -> int | None:
         return None
 
 
+def _absent(exc: Exception) -> bool:
+    """Whether an MLflow error says the registered model or the alias does not exist (the registry answered),
+    as opposed to a registry that did not answer or failed: that must fail the stage, never read as 'none'."""
+    code = getattr(exc, "error_code", None)
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "alias" in str(exc) and "not found" in str(exc))
+
+
 def find_version(client, name: str, stage_key: str):
-    """The version an earlier attempt at the same stage (same `qat.run_key`) registered, or None."""
+    """The version an earlier attempt at the same stage (same `qat.run_key`) registered, or None when the
+    registry says there is none. A registry that cannot answer raises (after the client's retries): answering
+    'none' then would register the stage's model a second time."""
     from mlflow.exceptions import MlflowException
 
     try:
         versions = client.search_model_versions(f"name = '{name}'")
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _absent(exc):
+            return None
+        raise
     return next((v for v in versions if v.tags.get("qat.run_key") == stage_key), None)
 
 
@@ -75,21 +87,25 @@ def register(client, name: str, model_uri: str, stage_key: str, run_id: str, tag
         return str(existing.version)
     try:
         client.create_registered_model(name, description="MangaAssist model; versions are promoted by alias")
-    except MlflowException:
-        pass  # exists
+    except MlflowException as exc:
+        if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+            raise
     mv = mlflow.register_model(model_uri, name, tags={"qat.run_key": stage_key, "source_run_id": run_id, **tags})
     client.update_model_version(name, mv.version, description=description)
     return str(mv.version)
 
 
 def alias_version(client, name: str, alias: str):
-    """The model version behind `name@alias`, or None."""
+    """The model version behind `name@alias`, or None when the registry says there is none (no such model or
+    alias). A registry that cannot answer raises: 'no @champion' would bootstrap a second one."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _absent(exc):
+            return None
+        raise
 
 
 def download(name: str, alias_or_version: str | int, dest: Path) -> dict[str, Path]:

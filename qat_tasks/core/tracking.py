@@ -84,8 +84,10 @@ def ensure_experiment(cfg: PipelineConfig, suffix: str) -> str:
     try:
         return client.create_experiment(name, artifact_location=artifact_location,
                                         tags={"mangaassist.profile": cfg.profile})
-    except MlflowException:  # created concurrently by a sibling task
-        return client.get_experiment_by_name(name).experiment_id
+    except MlflowException as exc:
+        if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # created concurrently by a sibling task
 
 
 def find_run(experiment_id: str, key: str):
