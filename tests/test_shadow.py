@@ -171,3 +171,28 @@ def test_quarterly_step_does_not_promote_a_shadow_that_fails_on_replay(intent_re
                                    {"start": WINDOW[0].isoformat(), "end": WINDOW[1].isoformat()}, ctx("q2"))
     assert out["outcome"] == "failed" and "p95_ratio" in out["failed_gates"]
     assert aliases(intent_registry) == {"champion": "1", "challenger": "2"}
+
+
+def test_production_never_promotes_on_replayed_evidence_nor_without_a_person(intent_registry):
+    """The production profile's shadow settings on a real registry: the quarterly step only deploys the shadow
+    (no replay), a passing live review waits, and only `promote` (a person's command) moves @champion."""
+    from pathlib import Path
+
+    from qat_tasks.core.config import load_config
+
+    prod = load_config(Path(__file__).resolve().parent.parent / "configs" / "production.yaml")
+    assert (prod.shadow.review, prod.shadow.promotion) == ("live", "manual")
+    cfg = _with(intent_registry["cfg"], prod.shadow.model_dump(), lenient_quality=False)
+    cfg = cfg.model_copy(update={"shadow": cfg.shadow.model_copy(update={"min_mirrored_requests": 50,
+                                                                         "min_reviewed_labels": 20})})
+    step = replay.shadow_challenger(cfg, {"model": "intent-classifier", "registered_version": "2"},
+                                    {"start": "2026-07-01", "end": "2026-07-04"}, ctx("prod-q1", "quarterly"))
+    assert step["outcome"].startswith("v2 in shadow since") and "shadow_review DAG" in step["outcome"]
+    assert not (cfg.state_path / "shadow-replay" / "prod-q1").exists()  # nothing replayed
+    name = intent_registry["name"]
+    verdict = shadow.review(cfg, "intent-classifier", mirrored(name, 400), ctx("prod-r1"), "live test traffic")
+    acted = shadow.act_on(cfg, "intent-classifier", verdict, ctx("prod-r1"))
+    assert verdict["verdict"] == "passed" and acted["action"].startswith("passed; waiting for: qat-tasks promote")
+    assert aliases(intent_registry)["champion"] == "1"  # nobody approved yet
+    release.promote(cfg, "intent-classifier", ctx("prod-p1", "reviewed the live shadow: approved"))
+    assert aliases(intent_registry)["champion"] == "2"
