@@ -233,6 +233,80 @@ def test_challenger_registered_once_when_gates_pass(dag_run, mlflow_client, tiny
     assert len(out) == 2
 
 
+def test_a_retried_int8_decision_keeps_the_version_an_earlier_attempt_registered(dag_run, mlflow_client, tiny_config,
+                                                                                 monkeypatch):
+    """An attempt registers its choice and dies before its result is stored. The retry re-measures the champion
+    and would rank the candidates the other way round, yet it keeps the registered version and its choice: one
+    decision per DAG run, and the version's tags match it."""
+    from qat_tasks import pipeline
+    from qat_tasks.encoders import roles
+    from qat_tasks.promotion import decision
+
+    (run,) = _xcom(dag_run, "plan")
+    (cal,) = _xcom(dag_run, "refresh_calibration")
+    champion = _of(dag_run, "ensure_champion")
+    run = {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + "-decide-once"}}
+    lenient = tiny_config.model_copy(update={"gates": tiny_config.gates.model_copy(update={
+        "intent_classifier": tiny_config.gates.intent_classifier.model_copy(update={
+            "max_accuracy_drop_pts": 100.0, "max_rare_class_accuracy_drop_pts": 100.0,
+            "max_escalation_recall_drop_pts": 100.0, "max_ece_increase": 1.0, "max_p95_ratio": 100.0})})})
+    name = "mangaassist-intent-classifier"
+    before = len(mlflow_client.search_model_versions(f"name = '{name}'"))
+    registered = decision.register_challenger
+
+    def dies_after_registering(*a, **k):
+        registered(*a, **k)
+        raise RuntimeError("injected: the worker died after registering")
+
+    monkeypatch.setattr(decision, "register_challenger", dies_after_registering)
+    with pytest.raises(RuntimeError, match="injected"):
+        pipeline.challenger_stage(lenient, run, cal, champion)
+    monkeypatch.setattr(decision, "register_challenger", registered)
+    (first,) = [v for v in mlflow_client.search_model_versions(f"name = '{name}'")
+                if v.tags.get("airflow.run_id") == run["ctx"]["run_id"]]
+    role = type(roles.role_for(lenient, "intent-classifier"))
+    rank = role.rank_key
+    monkeypatch.setattr(role, "rank_key", lambda self, m: tuple(-x for x in rank(self, m)))  # the other way round
+    retried = pipeline.challenger_stage(lenient, run, cal, champion)
+    assert retried["method"] == first.tags["method"] and retried["registered_version"] == str(first.version)
+    assert len(mlflow_client.search_model_versions(f"name = '{name}'")) == before + 1
+
+
+def test_the_llm_decision_registers_after_the_state_folder_is_lost(dag_run, mlflow_client, tiny_config, monkeypatch):
+    """The worker that quantized the candidates is gone with its state folder (only the calibration store and
+    MLflow, S3 and the tracking server in production, remain); the decision, retried elsewhere, still registers
+    the best candidate from the checkpoint its candidate run logged to MLflow."""
+    import shutil
+
+    from qat_tasks import pipeline
+    from qat_tasks.llm import track
+
+    (run,) = _xcom(dag_run, "plan")
+    (cal,) = _xcom(dag_run, "refresh_calibration")
+    run = {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + "-lost-state"}}
+    decide = track._decide
+
+    def dies(*a, **k):
+        raise RuntimeError("injected: the worker died before the decision")
+
+    monkeypatch.setattr(track, "_decide", dies)
+    with pytest.raises(RuntimeError, match="injected"):
+        pipeline.llm_stage(tiny_config, run, cal, "fallback-llm")
+    monkeypatch.setattr(track, "_decide", decide)
+    state = tiny_config.state_path
+    assert (state / "llm").is_dir()
+    for child in state.iterdir():
+        if child.name != "calibration":  # the store: S3 in production
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    result = pipeline.llm_stage(tiny_config, run, cal, "fallback-llm")
+    versions = [v for v in mlflow_client.search_model_versions("name = 'mangaassist-fallback-llm'")
+                if v.tags.get("airflow.run_id") == run["ctx"]["run_id"]]
+    assert [str(v.version) for v in versions] == [result["registered_version"]]
+    assert versions[0].tags["method"] == result["method"]
+    files = {f.path for f in mlflow_client.list_artifacts(versions[0].tags["candidate_run_id"], "checkpoint")}
+    assert any(f.endswith(".safetensors") for f in files)
+
+
 def test_sensitivity_and_fp32_fallback_on_the_tiny_champion(dag_run, tmp_path, tiny_config):
     import onnx
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from qat_tasks.llm import corpora, perplexity, routing
 from qat_tasks.promotion import decision, gates
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_ARTIFACT = "checkpoint"  # where a candidate run keeps its checkpoint folder
 
 
 
@@ -277,8 +280,11 @@ def build_llm_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: 
             _log_eval(res)
             mlflow.log_dict({"group_sizes": qres.group_sizes, "kept": qres.kept}, "layout.json")
             mlflow.set_tag("checkpoint.path", str(qres.output_dir))
+            # The state folder may be lost (another worker, a cleaned disk): the decision can read it from here.
+            mlflow.log_artifacts(str(qres.output_dir), CHECKPOINT_ARTIFACT)
             results[cand.key] = {"run_id": run.info.run_id, "metrics": res["metrics"],
-                                 "generations": res["generations"], "checkpoint": str(qres.output_dir)}
+                                 "generations": res["generations"], "checkpoint": str(qres.output_dir),
+                                 "checkpoint_artifact": CHECKPOINT_ARTIFACT}
             tracking.set_result(results[cand.key])
             log.info("%s %s: %s", model_name, cand.key, headline(res["metrics"]))
 
@@ -331,23 +337,47 @@ def _decide(cfg, model_name, tc, base, results, client, run_id, stage_key, ctx, 
         mlflow.set_tag("finding.calibration", finding)
         log.info("%s: %s", model_name, finding)
 
+    registered_name = tracking.registered_name(cfg, model_name)
+    earlier = decision.earlier_choice(client, registered_name, stage_key)
     passing, nothing = decision.passing(model_name, f"{tc.bits}-bit", verdicts, run_id)
-    if nothing is not None:
+    if earlier in results:
+        log.info("%s: an earlier attempt of this decision registered %s; keeping it", model_name, earlier)
+        best, model_uri = earlier, None
+    elif nothing is not None:
         return {**nothing, "unquantized": bm}
-    # Best: lowest MangaAssist perplexity, then the higher routing accuracy, then the smaller checkpoint.
-    best = min(passing, key=lambda k: (results[k]["metrics"]["perplexity_domain"],
-                                       -results[k]["metrics"]["routing_accuracy"], results[k]["metrics"]["size_mb"]))
-    meta = {"role": "llm", "method": best, "bits": tc.bits, "group_size": tc.group_size,
-            "calibration_version": version, "max_new_tokens": tc.max_new_tokens, "format": "compressed-tensors"}
-    model_uri = packaging.log_llm(Path(results[best]["checkpoint"]), meta)
+    else:
+        # Best: lowest MangaAssist perplexity, then the higher routing accuracy, then the smaller checkpoint.
+        best = min(passing, key=lambda k: (results[k]["metrics"]["perplexity_domain"],
+                                           -results[k]["metrics"]["routing_accuracy"], results[k]["metrics"]["size_mb"]))
+        meta = {"role": "llm", "method": best, "bits": tc.bits, "group_size": tc.group_size,
+                "calibration_version": version, "max_new_tokens": tc.max_new_tokens, "format": "compressed-tensors"}
+        with tempfile.TemporaryDirectory(prefix="llm-decision-") as tmp:
+            model_uri = packaging.log_llm(_checkpoint_of(results[best], Path(tmp)), meta)
     lineage = {"calibration_version": version, "candidate_run_id": results[best]["run_id"],
                "airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id, "format": "compressed-tensors"}
     out = decision.register_challenger(
-        client, model_name=model_name, registered_name=tracking.registered_name(cfg, model_name), best=best,
+        client, model_name=model_name, registered_name=registered_name, best=best,
         model_uri=model_uri, stage_key=stage_key, run_id=run_id, lineage=lineage,
         description=f"W{tc.bits}A16 {best} on calibration {version}")
     return {**out, "metrics": results[best]["metrics"],
             "headline": headline(results[best]["metrics"]), "unquantized": bm}
+
+
+def _checkpoint_of(result: dict, tmp: Path) -> Path:
+    """A candidate's checkpoint: where it was quantized when that folder is still whole, else the copy its
+    candidate run logged to MLflow (the state folder is a cache: another worker, or a cleaned disk, lacks it)."""
+    import mlflow
+
+    local = Path(result["checkpoint"])
+    if (local / "config.json").is_file() and any(local.glob("*.safetensors")):
+        return local
+    artifact = result.get("checkpoint_artifact")
+    if artifact is None:
+        raise FileNotFoundError(f"the candidate checkpoint {local} is gone and its run {result['run_id']} (made before "
+                                f"checkpoints were logged to MLflow) has no copy: clear the candidate's task to redo it")
+    log.info("candidate checkpoint %s is not on this worker: reading it from MLflow run %s", local, result["run_id"])
+    return Path(mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path=artifact,
+                                                    dst_path=str(tmp)))
 
 
 def calibration_finding(results: dict) -> str | None:

@@ -36,7 +36,18 @@ def passing(model_name: str, track: str, verdicts: dict[str, list[gates.GateResu
                 "why": {n: [r.gate for r in v if not r.passed] for n, v in verdicts.items()}}
 
 
-def register_challenger(client, *, model_name: str, registered_name: str, best: str, model_uri: str, stage_key: str,
+def earlier_choice(client, registered_name: str, stage_key: str) -> str | None:
+    """The candidate an earlier attempt at this decision registered (its version's `method` tag), or None.
+
+    A DAG run decides once: a retry that re-measured the champion could rank the candidates differently, and
+    then the version it finds (registered by the earlier attempt) would carry another candidate's tags than its
+    decision. The retry keeps the earlier choice instead."""
+    mv = registry.find_version(client, registered_name, stage_key)
+    return None if mv is None else mv.tags.get("method")
+
+
+def register_challenger(client, *, model_name: str, registered_name: str, best: str, model_uri: str | None,
+                        stage_key: str,
                         run_id: str, lineage: dict[str, str], description: str) -> dict:
     """Register the chosen candidate as a version of `registered_name` (once per stage key) and alias it
     @challenger; returns the decision."""

@@ -300,19 +300,17 @@ def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, t
     mlflow.log_figure(fig, "plots/latency_distributions.png")
     plots.close(fig)
 
+    earlier = decision.earlier_choice(client, champion["registered_model"], stage_key)
     passing, nothing = decision.passing(model_name, "INT8", verdicts, run_id)
-    if nothing is not None:
+    if earlier in results:
+        _keep_earlier(model_name, earlier, passing)
+        best, model_uri = earlier, None
+    elif nothing is not None:
         return nothing
-    # Best = the passing candidate best on the role's headline metric; ties go to the faster one.
-    best = max(passing, key=lambda n: role.rank_key(results[n]["metrics"]))
-    onnx = Path(mlflow.artifacts.download_artifacts(run_id=results[best]["run_id"],
-                                                    artifact_path=results[best]["onnx_artifact"], dst_path=str(tmp / "win")))
-    meta = {**bench.meta, "precision": "int8", "method": best, "champion_version": champion["version"],
-            "calibration_version": cal_version}
-    meta.update(role.packaged_settings(results[best]["metrics"]))  # its own temperature or threshold
-    hf_dir = tmp / "package" / "hf"
-    shutil.copytree(bench.paths["hf"], hf_dir)
-    model_uri = packaging.log_encoder(hf_dir, onnx, meta)
+    else:
+        # Best = the passing candidate best on the role's headline metric; ties go to the faster one.
+        best = max(passing, key=lambda n: role.rank_key(results[n]["metrics"]))
+        model_uri = _package(bench, results[best], best, champion, cal_version, tmp)
     lineage = {"calibration_version": cal_version, "champion_version": champion["version"],
                "candidate_run_id": results[best]["run_id"], "airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id}
     out = decision.register_challenger(
@@ -321,3 +319,26 @@ def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, t
         description=f"INT8 {best} from champion v{champion['version']} on calibration {cal_version}")
     return {**out, "metrics": results[best]["metrics"],
             "headline": role.headline(results[best]["metrics"])}
+
+
+def _keep_earlier(model_name: str, earlier: str, passing: list[str]) -> None:
+    if earlier in passing:
+        log.info("%s: an earlier attempt of this decision registered %s; keeping it", model_name, earlier)
+    else:
+        log.warning("%s: an earlier attempt of this decision registered %s, which this attempt's re-measured "
+                    "champion figures no longer pass; keeping it (one decision per DAG run): its shadow review "
+                    "judges it on live traffic", model_name, earlier)
+
+
+def _package(bench, result: dict, best: str, champion: dict, cal_version: str, tmp: Path) -> str:
+    """The chosen candidate packaged as an encoder version's artifacts; returns the model URI."""
+    import mlflow
+
+    onnx = Path(mlflow.artifacts.download_artifacts(run_id=result["run_id"],
+                                                    artifact_path=result["onnx_artifact"], dst_path=str(tmp / "win")))
+    meta = {**bench.meta, "precision": "int8", "method": best, "champion_version": champion["version"],
+            "calibration_version": cal_version}
+    meta.update(bench.role.packaged_settings(result["metrics"]))  # its own temperature or threshold
+    hf_dir = tmp / "package" / "hf"
+    shutil.copytree(bench.paths["hf"], hf_dir)
+    return packaging.log_encoder(hf_dir, onnx, meta)
