@@ -199,6 +199,14 @@ def test_int8_decision_is_logged_with_gates_and_plots(dag_run, mlflow_client):
                                                                  f"v{decision['registered_version']} as @challenger")
 
 
+def _every_candidate_passes(cfg):
+    """The config with intent-classifier gates no candidate can fail."""
+    return cfg.model_copy(update={"gates": cfg.gates.model_copy(update={
+        "intent_classifier": cfg.gates.intent_classifier.model_copy(update={
+            "max_accuracy_drop_pts": 100.0, "max_rare_class_accuracy_drop_pts": 100.0,
+            "max_escalation_recall_drop_pts": 100.0, "max_ece_increase": 1.0, "max_p95_ratio": 100.0})})})
+
+
 def test_challenger_registered_once_when_gates_pass(dag_run, mlflow_client, tiny_config, tmp_path):
     """With gates every candidate passes, the best is registered as @challenger, with lineage, exactly once."""
     import mlflow.pyfunc
@@ -211,10 +219,7 @@ def test_challenger_registered_once_when_gates_pass(dag_run, mlflow_client, tiny
     (cal,) = _xcom(dag_run, "refresh_calibration")
     champion = _of(dag_run, "ensure_champion")
     run = {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + "-lenient"}}
-    lenient = tiny_config.model_copy(update={"gates": tiny_config.gates.model_copy(update={
-        "intent_classifier": tiny_config.gates.intent_classifier.model_copy(update={
-            "max_accuracy_drop_pts": 100.0, "max_rare_class_accuracy_drop_pts": 100.0,
-            "max_escalation_recall_drop_pts": 100.0, "max_ece_increase": 1.0, "max_p95_ratio": 100.0})})})
+    lenient = _every_candidate_passes(tiny_config)
     name = "mangaassist-intent-classifier"
     before = len(mlflow_client.search_model_versions(f"name = '{name}'"))
     first = pipeline.challenger_stage(lenient, run, cal, champion)
@@ -246,10 +251,7 @@ def test_a_retried_int8_decision_keeps_the_version_an_earlier_attempt_registered
     (cal,) = _xcom(dag_run, "refresh_calibration")
     champion = _of(dag_run, "ensure_champion")
     run = {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + "-decide-once"}}
-    lenient = tiny_config.model_copy(update={"gates": tiny_config.gates.model_copy(update={
-        "intent_classifier": tiny_config.gates.intent_classifier.model_copy(update={
-            "max_accuracy_drop_pts": 100.0, "max_rare_class_accuracy_drop_pts": 100.0,
-            "max_escalation_recall_drop_pts": 100.0, "max_ece_increase": 1.0, "max_p95_ratio": 100.0})})})
+    lenient = _every_candidate_passes(tiny_config)
     name = "mangaassist-intent-classifier"
     before = len(mlflow_client.search_model_versions(f"name = '{name}'"))
     registered = decision.register_challenger
