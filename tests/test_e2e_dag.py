@@ -199,6 +199,13 @@ def test_int8_decision_is_logged_with_gates_and_plots(dag_run, mlflow_client):
                                                                  f"v{decision['registered_version']} as @challenger")
 
 
+def _another_run(dag_run, suffix: str) -> tuple[dict, dict]:
+    """The plan and calibration of the e2e run, as another DAG run (its id + suffix) would carry them."""
+    (run,) = _xcom(dag_run, "plan")
+    (cal,) = _xcom(dag_run, "refresh_calibration")
+    return {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + suffix}}, cal
+
+
 def _every_candidate_passes(cfg):
     """The config with intent-classifier gates no candidate can fail."""
     return cfg.model_copy(update={"gates": cfg.gates.model_copy(update={
@@ -215,10 +222,8 @@ def test_challenger_registered_once_when_gates_pass(dag_run, mlflow_client, tiny
     from qat_tasks import pipeline
     from qat_tasks.core import registry
 
-    (run,) = _xcom(dag_run, "plan")
-    (cal,) = _xcom(dag_run, "refresh_calibration")
+    run, cal = _another_run(dag_run, "-lenient")
     champion = _of(dag_run, "ensure_champion")
-    run = {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + "-lenient"}}
     lenient = _every_candidate_passes(tiny_config)
     name = "mangaassist-intent-classifier"
     before = len(mlflow_client.search_model_versions(f"name = '{name}'"))
@@ -247,10 +252,8 @@ def test_a_retried_int8_decision_keeps_the_version_an_earlier_attempt_registered
     from qat_tasks.encoders import roles
     from qat_tasks.promotion import decision
 
-    (run,) = _xcom(dag_run, "plan")
-    (cal,) = _xcom(dag_run, "refresh_calibration")
+    run, cal = _another_run(dag_run, "-decide-once")
     champion = _of(dag_run, "ensure_champion")
-    run = {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + "-decide-once"}}
     lenient = _every_candidate_passes(tiny_config)
     name = "mangaassist-intent-classifier"
     before = len(mlflow_client.search_model_versions(f"name = '{name}'"))
@@ -283,9 +286,7 @@ def test_the_llm_decision_registers_after_the_state_folder_is_lost(dag_run, mlfl
     from qat_tasks import pipeline
     from qat_tasks.llm import track
 
-    (run,) = _xcom(dag_run, "plan")
-    (cal,) = _xcom(dag_run, "refresh_calibration")
-    run = {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + "-lost-state"}}
+    run, cal = _another_run(dag_run, "-lost-state")
     decide = track._decide
 
     def dies(*a, **k):
