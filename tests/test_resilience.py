@@ -96,7 +96,8 @@ def test_registry_lookups_say_none_only_when_the_registry_answers_none(monkeypat
 
     from qat_tasks.core import registry
 
-    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert registry.find_version(store, "mangaassist-intent-classifier", "run:stage") is None
     assert registry.alias_version(store, "mangaassist-intent-classifier", registry.CHAMPION) is None
     store.create_registered_model("mangaassist-intent-classifier")
@@ -107,7 +108,7 @@ def test_registry_lookups_say_none_only_when_the_registry_answers_none(monkeypat
         port = s.getsockname()[1]
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
-    down = MlflowClient(f"http://127.0.0.1:{port}")
+    down = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}", registry_uri=f"http://127.0.0.1:{port}")
     for lookup in (lambda: registry.find_version(down, "mangaassist-intent-classifier", "run:stage"),
                    lambda: registry.alias_version(down, "mangaassist-intent-classifier", registry.CHAMPION),
                    lambda: registry.register(down, "mangaassist-intent-classifier", "runs:/x/model", "run:stage",
