@@ -1,6 +1,7 @@
 """Calibration-data refresh: a window of logged traffic -> versioned calibration, QAT-training and evaluation sets.
 
-One streaming pass, bounded memory (per split and intent, at most one split's worth of rows):
+One streaming pass; memory holds per split and intent at most one split's worth of rows (the calibration split's
+candidates whole, until the LLM's conversations are chosen from them):
 
   read (folder or s3://, gzip or plain) -> validate (invalid lines counted and quarantined with the reason)
   -> keep the window -> scrub personal data -> drop repeated requests and repeated texts
