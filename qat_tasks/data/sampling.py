@@ -58,14 +58,12 @@ def split_of(cfg: PipelineConfig, conversation_id: str) -> str:
 def splitter(cfg: PipelineConfig) -> Callable[[str], str]:
     """`split_of` for one configuration, with the keyed hash and the split boundaries worked out once: the
     refresh asks for every turn it reads."""
-    hasher = hashlib.blake2b(digest_size=8, key=seed_key(cfg.calibration.seed))
+    key = seed_key(cfg.calibration.seed)
     bounds = _bounds(cfg.calibration.split_fractions)
     last = SPLITS[-1]
 
     def split(conversation_id: str) -> str:
-        h = hasher.copy()
-        h.update(conversation_id.encode())
-        u = int.from_bytes(h.digest(), "big") / 2**64
+        u = seeded_priority(key, conversation_id) / 2**64
         for end, s in bounds:
             if u < end:
                 return s

@@ -341,7 +341,7 @@ def _decide(cfg, model_name, tc, base, results, client, run_id, stage_key, ctx, 
     earlier = decision.earlier_choice(client, registered_name, stage_key)
     passing, nothing = decision.passing(model_name, f"{tc.bits}-bit", verdicts, run_id)
     if earlier in results:
-        log.info("%s: an earlier attempt of this decision registered %s; keeping it", model_name, earlier)
+        decision.keep_earlier(model_name, earlier, passing)
         best, model_uri = earlier, None
     elif nothing is not None:
         return {**nothing, "unquantized": bm}

@@ -46,6 +46,16 @@ def earlier_choice(client, registered_name: str, stage_key: str) -> str | None:
     return None if mv is None else mv.tags.get("method")
 
 
+def keep_earlier(model_name: str, earlier: str, passing: list[str]) -> None:
+    """Say that a retry keeps the earlier attempt's choice, and whether this attempt's figures still pass it."""
+    if earlier in passing:
+        log.info("%s: an earlier attempt of this decision registered %s; keeping it", model_name, earlier)
+    else:
+        log.warning("%s: an earlier attempt of this decision registered %s, which this attempt's re-measured "
+                    "figures no longer pass; keeping it (one decision per DAG run): its review judges it next",
+                    model_name, earlier)
+
+
 def register_challenger(client, *, model_name: str, registered_name: str, best: str, model_uri: str | None,
                         stage_key: str,
                         run_id: str, lineage: dict[str, str], description: str) -> dict:

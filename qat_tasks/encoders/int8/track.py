@@ -303,7 +303,7 @@ def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, t
     earlier = decision.earlier_choice(client, champion["registered_model"], stage_key)
     passing, nothing = decision.passing(model_name, "INT8", verdicts, run_id)
     if earlier in results:
-        _keep_earlier(model_name, earlier, passing)
+        decision.keep_earlier(model_name, earlier, passing)
         best, model_uri = earlier, None
     elif nothing is not None:
         return nothing
@@ -319,15 +319,6 @@ def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, t
         description=f"INT8 {best} from champion v{champion['version']} on calibration {cal_version}")
     return {**out, "metrics": results[best]["metrics"],
             "headline": role.headline(results[best]["metrics"])}
-
-
-def _keep_earlier(model_name: str, earlier: str, passing: list[str]) -> None:
-    if earlier in passing:
-        log.info("%s: an earlier attempt of this decision registered %s; keeping it", model_name, earlier)
-    else:
-        log.warning("%s: an earlier attempt of this decision registered %s, which this attempt's re-measured "
-                    "champion figures no longer pass; keeping it (one decision per DAG run): its shadow review "
-                    "judges it on live traffic", model_name, earlier)
 
 
 def _package(bench, result: dict, best: str, champion: dict, cal_version: str, tmp: Path) -> str:
