@@ -56,19 +56,23 @@ class TrafficConfig(Strict):
 class SplitSizes(Strict):
     calibration: int = Field(gt=0)
     qat_train: int = Field(gt=0)
-    evaluation: int = Field(gt=0)
+    selection: int = Field(gt=0)  # reviewed rows candidates are ranked and searched on
+    evaluation: int = Field(gt=0)  # reviewed rows that judge the candidate picked, once
 
 
 class SplitFractions(Strict):
-    """Share of conversations assigned to each split (by a seeded hash of the conversation id)."""
+    """Share of conversations assigned to each split (by a seeded hash of the conversation id); `replay`
+    conversations go into no split: the replay review's traffic."""
 
     calibration: Fraction = 0.15
-    qat_train: Fraction = 0.55
-    evaluation: Fraction = 0.30
+    qat_train: Fraction = 0.40
+    selection: Fraction = 0.15
+    evaluation: Fraction = 0.25
+    replay: Fraction = 0.05
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitFractions:
-        total = self.calibration + self.qat_train + self.evaluation
+        total = self.calibration + self.qat_train + self.selection + self.evaluation + self.replay
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"split fractions must sum to 1, got {total:.4f}")
         return self
@@ -153,6 +157,7 @@ class SplitCaps(Strict):
 
     calibration: int | None = Field(default=None, gt=0)
     qat_train: int | None = Field(default=None, gt=0)
+    selection: int | None = Field(default=None, gt=0)
     evaluation: int | None = Field(default=None, gt=0)
 
 

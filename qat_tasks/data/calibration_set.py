@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from qat_tasks.core import storage
 
-MANIFEST_SCHEMA = "mangaassist.calibration/1"
+MANIFEST_SCHEMA = "mangaassist.calibration/2"  # 2: a selection split beside evaluation
 
 
 class RefreshError(RuntimeError):

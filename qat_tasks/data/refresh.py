@@ -1,18 +1,21 @@
-"""Calibration-data refresh: a window of logged traffic -> versioned calibration, QAT-training and evaluation sets.
+"""Calibration-data refresh: a window of logged traffic -> versioned calibration, QAT-training, selection and
+evaluation sets.
 
 One streaming pass; memory holds per split and intent at most one split's worth of rows (the calibration split's
 candidates whole, until the LLM's conversations are chosen from them):
 
   read (folder or s3://, gzip or plain) -> validate (invalid lines counted and quarantined with the reason)
   -> keep the window -> scrub personal data -> drop repeated requests and repeated texts
-  -> assign each conversation to one split by a seeded hash (no conversation, and no text, in two splits)
+  -> assign each conversation to one split by a seeded hash (no conversation, and no text, in two splits; the
+     `replay` share of conversations goes into none: the replay review's traffic)
   -> per split and intent keep the lowest-priority rows (seeded hash: independent of file order); the
      calibration split's conversations are held whole until the LLM's conversations are chosen from them
   -> allocate per-intent quotas (traffic share with a floor for rare intents), reserving room for edge cases
   -> write the splits with a content hash; the version is the window plus that hash.
 
-The evaluation split holds only human-reviewed turns: metrics are measured against people, not against the
-model that served the traffic. Training rows use the reviewed label where there is one, else the served one.
+The selection and evaluation splits hold only human-reviewed turns: metrics are measured against people, not
+against the model that served the traffic. Candidates are ranked and searched on the selection split; the
+evaluation split judges the one picked, so no decision is tuned on the rows that judge it. Training rows use the reviewed label where there is one, else the served one.
 """
 
 from __future__ import annotations
@@ -41,7 +44,16 @@ from qat_tasks.data.calibration_set import (
 )
 from qat_tasks.data.labels import read_labels
 from qat_tasks.data.pii import scrub
-from qat_tasks.data.sampling import SPLITS, is_non_english, normalize, seed_key, seeded_priority, splitter
+from qat_tasks.data.sampling import (
+    JUDGED_SPLITS,
+    REPLAY,
+    SPLITS,
+    is_non_english,
+    normalize,
+    seed_key,
+    seeded_priority,
+    splitter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +206,9 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
                 label = reviewed or rec.intent
                 traffic_intents[label] += 1
                 split = split_of(rec.conversation_id)
+                if split == REPLAY:  # the replay review's conversations: in no calibration version
+                    stats["replay_turns_held_out"] += 1
+                    continue
                 raw_norm = hash(normalize(rec.text))
                 repeated = raw_norm in seen_texts  # as typed before: scrubbed, the same text again
                 if repeated:
@@ -219,8 +234,8 @@ def refresh(cfg: PipelineConfig, start: date, end: date, *, progress: bool = Tru
                 if not first:
                     stats["duplicate_texts"] += 1
                     continue
-                if split == "evaluation" and reviewed is None:
-                    stats["evaluation_unreviewed_skipped"] += 1
+                if split in JUDGED_SPLITS and reviewed is None:
+                    stats[f"{split}_unreviewed_skipped"] += 1
                     continue
                 edge = []
                 if rec.confidence < edge_cfg.low_confidence_below:
@@ -326,7 +341,7 @@ def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligi
 
     labelled = (f"{label_report['joined']} review label(s) joined, {stats['reviewed_inline']} reviewed in the logs; "
                 f"import labels with qat-tasks import-labels")
-    notes = {"evaluation": f" (evaluation takes reviewed turns only: {labelled})",
+    notes = {"judged": f" (selection and evaluation take reviewed turns only: {labelled})",
              "other": f" (turns without a review carry the served model's label: {labelled})"}
     splits: dict[str, list[dict]] = {}
     split_meta: dict[str, dict] = {}
@@ -347,7 +362,7 @@ def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligi
         if short:
             _coverage(f"{split}: intent(s) under-represented (fewer than calibration.min_per_intent="
                       f"{cal.min_per_intent} rows available): {short}"
-                      + notes["evaluation" if split == "evaluation" else "other"], "on_underrepresented_intent",
+                      + notes["judged" if split in JUDGED_SPLITS else "other"], "on_underrepresented_intent",
                       cal.on_underrepresented_intent, warnings)
         if len(rows) < n:
             warnings.append(f"{split}: {len(rows)} rows available, fewer than the {n} asked for")
@@ -374,7 +389,8 @@ def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligi
         "window": {"start": start.isoformat(), "end": end.isoformat()}, "source": source, "seed": cal.seed,
         "settings": cal.model_dump(mode="json"),
         "input": {**{k: stats[k] for k in ("lines", "valid", "invalid", "blank_lines", "out_of_window",
-                                             "duplicate_requests", "duplicate_texts", "evaluation_unreviewed_skipped",
+                                             "duplicate_requests", "duplicate_texts", "selection_unreviewed_skipped",
+                                             "evaluation_unreviewed_skipped", "replay_turns_held_out",
                                              "shadow_records")},
                   "invalid_fraction": round(invalid_fraction, 6), "invalid_reasons": dict(reasons),
                   "pii_scrubbed": dict(pii), "quarantine": quarantine_uri,
@@ -397,7 +413,7 @@ def _finish(cfg, start, end, source, stats, reasons, pii, traffic_intents, eligi
         storage.write_bytes(storage.join(uri, "quarantine.jsonl.gz"), quarantine_path.read_bytes(), endpoint)
         # The manifest goes last: its presence means the version is complete.
         storage.write_bytes(manifest_uri, json.dumps(manifest, indent=2, sort_keys=True).encode(), endpoint)
-    log.info("calibration version %s: %s rows (calibration / qat_train / evaluation), %d LLM conversations -> %s",
+    log.info("calibration version %s: %s rows (calibration / qat_train / selection / evaluation), %d LLM conversations -> %s",
              version, " / ".join(str(len(splits[s])) for s in SPLITS), len(llm_rows), uri)
     return RefreshResult(version=version, uri=uri, manifest=manifest)
 

@@ -1,7 +1,7 @@
 """The rows each encoder learns from and is judged on, per split, built the same way every time from one
 calibration version and the public data, so every stage of a DAG run (and every rerun) sees the same rows.
 
-  intent_classifier    the calibration version's splits as they are (evaluation: human-reviewed rows only)
+  intent_classifier    the calibration version's splits as they are (selection, evaluation: human-reviewed rows only)
   escalation_detector  calm / frustrated: VADER's human-rated Amazon-review and tweet sentences (mean rating
                        at or below `frustrated_max_rating`: frustrated; at or above `calm_min_rating`: calm)
                        plus the version's MangaAssist traffic (escalation intent: frustrated; the rest: calm)
@@ -34,7 +34,7 @@ from qat_tasks.data.public_data import (
     hutto_sentences,
     read_source,
 )
-from qat_tasks.data.sampling import SPLITS, public_split_of, public_unit
+from qat_tasks.data.sampling import JUDGED_SPLITS, SPLITS, public_split_of, public_unit
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +134,14 @@ def _product_candidates(asked: tuple[str, int, str], n: int, rng: random.Random)
 
 def _group_rows(group: str, query: str, positive: str, negatives: list[str], source: str, split: str,
                 train_negatives: int) -> list[dict]:
-    keep = negatives if split == "evaluation" else negatives[:train_negatives]
+    keep = negatives if split in JUDGED_SPLITS else negatives[:train_negatives]
     return [{"id": f"{group}#{i}", "group": group, "text": query, "text_pair": passage,
              "label": "relevant" if i == 0 else "irrelevant", "label_source": "observed", "source": source}
             for i, passage in enumerate([positive, *keep])]
 
 
 def rerank_splits(cfg: PipelineConfig, model_name: str, traffic: dict[str, list[dict]]) -> RoleSplits:
-    """Evaluation groups keep all candidates (NDCG@10 and MRR@10 rank them); training and calibration groups
+    """Selection and evaluation groups keep all candidates (NDCG@10 and MRR@10 rank them); training and calibration groups
     keep the relevant pair and `train_negatives` irrelevant ones."""
     dc = cfg.model(model_name).data
     source = dc.public_source or CHITCHAT_SOURCE

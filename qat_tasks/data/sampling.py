@@ -9,7 +9,14 @@ from collections.abc import Callable
 
 from qat_tasks.core.config import PipelineConfig
 
-SPLITS = ("calibration", "qat_train", "evaluation")
+SPLITS = ("calibration", "qat_train", "selection", "evaluation")  # the splits a calibration version holds
+# Rows that pick among candidates (ranking, sensitivity, the mixed-precision search) and rows that judge the one
+# picked: both human-reviewed, never the same conversation or text.
+JUDGED_SPLITS = ("selection", "evaluation")
+# Conversations of this share go into no split: the replay review's traffic, which neither trained, picked nor
+# judged the models it reviews.
+REPLAY = "replay"
+REGIONS = (*SPLITS, REPLAY)
 
 
 def seed_key(seed: int) -> bytes:
@@ -31,18 +38,20 @@ def public_unit(seed: int, row_id: str) -> float:
     return int.from_bytes(hashlib.sha256(f"{seed}:{row_id}".encode()).digest()[:8], "big") / 2**64
 
 
-def _bounds(fractions) -> list[tuple[float, str]]:
-    """Each split's upper end in [0, 1): calibration.split_fractions added up in split order."""
+def _bounds(fractions, regions: tuple[str, ...] = REGIONS) -> list[tuple[float, str]]:
+    """Each region's upper end in [0, 1): calibration.split_fractions added up in order, scaled to the regions
+    asked for (public data sets have no replay traffic: their rows fall in the splits only)."""
+    total = sum(getattr(fractions, s) for s in regions)
     out, acc = [], 0.0
-    for s in SPLITS:
-        acc += getattr(fractions, s)
+    for s in regions:
+        acc += getattr(fractions, s) / total
         out.append((acc, s))
     return out
 
 
-def split_at(u: float, fractions) -> str:
-    """The split a point of [0, 1) falls in, cutting the interval at calibration.split_fractions."""
-    return next((s for end, s in _bounds(fractions) if u < end), SPLITS[-1])
+def split_at(u: float, fractions, regions: tuple[str, ...] = REGIONS) -> str:
+    """The region a point of [0, 1) falls in, cutting the interval at calibration.split_fractions."""
+    return next((s for end, s in _bounds(fractions, regions) if u < end), regions[-1])
 
 
 _NON_EN_HINTS = ("¿", "¡", " el ", " los ", " qu", " le ", " la ", " une ", " der ", " und ", " ist ", " você", " meu ",
@@ -50,8 +59,8 @@ _NON_EN_HINTS = ("¿", "¡", " el ", " los ", " qu", " le ", " la ", " une ", " 
 
 
 def split_of(cfg: PipelineConfig, conversation_id: str) -> str:
-    """The split a conversation belongs to: a seeded hash of its id, so every quarter (and a shadow replay, which
-    must not review on training rows) assigns it the same way."""
+    """The split a conversation belongs to (or `replay`): a seeded hash of its id, so every quarter (and a shadow
+    replay, which must not review on rows that trained, picked or judged the models) assigns it the same way."""
     return splitter(cfg)(conversation_id)
 
 
@@ -60,7 +69,7 @@ def splitter(cfg: PipelineConfig) -> Callable[[str], str]:
     refresh asks for every turn it reads."""
     key = seed_key(cfg.calibration.seed)
     bounds = _bounds(cfg.calibration.split_fractions)
-    last = SPLITS[-1]
+    last = REGIONS[-1]
 
     def split(conversation_id: str) -> str:
         u = seeded_priority(key, conversation_id) / 2**64
@@ -73,8 +82,8 @@ def splitter(cfg: PipelineConfig) -> Callable[[str], str]:
 
 
 def public_split_of(cfg: PipelineConfig, row_id: str) -> str:
-    """The split a public data set's row belongs to (see `public_unit`)."""
-    return split_at(public_unit(cfg.calibration.seed, row_id), cfg.calibration.split_fractions)
+    """The split a public data set's row belongs to (see `public_unit`); never `replay`."""
+    return split_at(public_unit(cfg.calibration.seed, row_id), cfg.calibration.split_fractions, SPLITS)
 
 
 def is_non_english(text: str, locale: str | None) -> bool:

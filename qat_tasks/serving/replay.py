@@ -1,7 +1,7 @@
 """The offline mode of the serving component: logged records sent through champion and shadow in process, one at a
 time, and logged as the live service logs them; and the replay review the quarterly run gives a new challenger
-(`shadow.review: replay`): logged traffic of evaluation conversations only (never rows the models trained on)
-replayed through both, reviewed, and acted on at once."""
+(`shadow.review: replay`): logged traffic of the replay share of conversations only (in no calibration version:
+never rows that trained, picked or judged the models) replayed through both, reviewed, and acted on at once."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from qat_tasks.core import registry, tracking
 from qat_tasks.core.config import PipelineConfig
 from qat_tasks.core.schema import SERVED_ROLES
 from qat_tasks.data.labels import read_labels
-from qat_tasks.data.sampling import seed_key, seeded_priority, split_of
+from qat_tasks.data.sampling import REPLAY, seed_key, seeded_priority, split_of
 from qat_tasks.data.traffic_log import LogWriter, read_records
 from qat_tasks.promotion import shadow
 from qat_tasks.serving.models import ServedModel, ServingError
@@ -82,8 +82,9 @@ def replay(cfg: PipelineConfig, model_name: str, records, out_root: str, champio
 
 
 def replay_records(cfg: PipelineConfig, start: date, end: date):
-    """Logged requests of the window from evaluation conversations (never rows the models trained on), a seeded
-    sample of at most shadow.replay_max_requests."""
+    """Logged requests of the window from the replay conversations (calibration.split_fractions.replay: in no
+    calibration version, so never rows that trained, picked or judged the models), a seeded sample of at most
+    shadow.replay_max_requests."""
     records, stats = read_records(cfg.traffic_source, datetime(start.year, start.month, start.day, tzinfo=UTC),
                                   datetime(end.year, end.month, end.day, tzinfo=UTC), cfg.traffic.s3_endpoint_url)
     # The turns' review labels: written beside them, up to calibration.label_lookahead_days after the window.
@@ -92,14 +93,14 @@ def replay_records(cfg: PipelineConfig, start: date, end: date):
     records, joined = labels.join(records)
     seen, chosen = set(), []
     for r in records:
-        if r.event == "shadow_inference" or r.request_id in seen or split_of(cfg, r.conversation_id) != "evaluation":
+        if r.event == "shadow_inference" or r.request_id in seen or split_of(cfg, r.conversation_id) != REPLAY:
             continue
         seen.add(r.request_id)
         chosen.append(r)
     key = seed_key(cfg.calibration.seed)
     chosen.sort(key=lambda r: seeded_priority(key, r.request_id))
     chosen = sorted(chosen[: cfg.shadow.replay_max_requests], key=lambda r: r.timestamp)
-    log.info("replaying %d logged requests of evaluation conversations from [%s, %s) (%d records read, %d invalid "
+    log.info("replaying %d logged requests of replay conversations from [%s, %s) (%d records read, %d invalid "
              "lines quarantined by the refresh, %d review labels joined)", len(chosen), start, end, len(records),
              stats.get("invalid", 0), joined["joined"])
     return chosen
