@@ -87,7 +87,7 @@ def bench_model(cfg, model_name: str, calibration_uri: str, ctx, args, tmp: Path
     wb = Workbench(cfg, model_name, calibration_uri, champion, tmp / "work")
     role = wb.role
     print(f"\n{model_name}: FP32 champion ready in {time.time() - t0:.0f} s", flush=True)
-    inputs = inputs_of(wb.eval_rows)
+    inputs = inputs_of(wb.splits["evaluation"])
 
     def torch_logits(batch: list) -> np.ndarray:
         with torch.no_grad():

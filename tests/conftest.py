@@ -41,7 +41,7 @@ def tiny_config_dict(traffic: str) -> dict:
     data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     data["profile"] = "test"
     data["traffic"]["source"] = traffic
-    data["calibration"]["sizes"] = {"calibration": 64, "qat_train": 400, "evaluation": 150}
+    data["calibration"]["sizes"] = {"calibration": 64, "qat_train": 400, "selection": 150, "evaluation": 150}
     data["calibration"]["llm_conversations"] = 16
     data["calibration"]["min_per_intent"] = 3
     for model in data["models"][:3]:  # the encoders
@@ -49,8 +49,8 @@ def tiny_config_dict(traffic: str) -> dict:
         model["training"] = {"epochs": 1, "learning_rate": 1.0e-3, "batch_size": 64, "max_length": 32}
         model["quantization"] = {"candidates": ["ptq_dynamic", "ptq_static_minmax"], "parity_samples": 32,
                                  "calibration_batch_size": 16}
-    data["models"][1]["data"]["max_rows"] = {"calibration": 120, "qat_train": 300, "evaluation": 200}
-    data["models"][2]["data"]["max_rows"] = {"calibration": 20, "qat_train": 60, "evaluation": 20}
+    data["models"][1]["data"]["max_rows"] = {"calibration": 120, "qat_train": 300, "selection": 150, "evaluation": 200}
+    data["models"][2]["data"]["max_rows"] = {"calibration": 20, "qat_train": 60, "selection": 20, "evaluation": 20}
     llm = data["models"][3]
     assert llm["role"] == "llm"
     llm["source"] = "tiny-random://llama"

@@ -81,7 +81,7 @@ def test_mlflow_holds_runs_datasets_metrics_and_plots(dag_run, mlflow_client):
                                                f"tags.`airflow.run_id` = '{dag_run.run_id}'")
     inputs = {t.value: inp for inp in refresh_run.inputs.dataset_inputs for t in inp.tags
               if t.key == "mlflow.data.context"}
-    assert set(inputs) == {"calibration", "qat_train", "evaluation"}
+    assert set(inputs) == {"calibration", "qat_train", "selection", "evaluation"}
     tags = {t.key: t.value for t in inputs["evaluation"].tags}
     assert tags["calibration.version"] == refresh_run.data.tags["calibration.version"] and "escalation" in tags["per_intent"]
     artifacts = {a.path for a in mlflow_client.list_artifacts(refresh_run.info.run_id)}
@@ -191,12 +191,16 @@ def test_int8_decision_is_logged_with_gates_and_plots(dag_run, mlflow_client):
     decision = _of(dag_run, "int8_challenger")
     run = mlflow_client.get_run(decision["run_id"])
     arts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
-    assert {"comparison.json", "gates.json"} <= arts
+    assert {"selection_comparison.json", "selection_screen.json"} <= arts
     plots = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/accuracy_vs_p95.png", "plots/latency_distributions.png"} <= plots
-    assert "champion.p95_ms" in run.data.metrics and "champion.ece_after_ts" in run.data.metrics
-    assert run.data.tags["decision"] in ("no candidate passed", f"registered mangaassist-intent-classifier "
-                                                                 f"v{decision['registered_version']} as @challenger")
+    assert "selection.champion.p95_ms" in run.data.metrics and "selection.champion.ece_after_ts" in run.data.metrics
+    tag = run.data.tags["decision"]
+    assert (tag == "no candidate passed" or tag.startswith("finalist ")
+            or tag == f"registered mangaassist-intent-classifier v{decision['registered_version']} as @challenger")
+    if "decision.finalist" in run.data.tags:  # a finalist met the evaluation split: its gate table is there
+        assert {"gate_table.json", "evidence", "plots/gate_intervals.png"} <= arts | plots
+        assert "champion.p95_ms" in run.data.metrics and "finalist.accuracy" in run.data.metrics
 
 
 def _another_run(dag_run, suffix: str) -> tuple[dict, dict]:
@@ -204,6 +208,12 @@ def _another_run(dag_run, suffix: str) -> tuple[dict, dict]:
     (run,) = _xcom(dag_run, "plan")
     (cal,) = _xcom(dag_run, "refresh_calibration")
     return {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + suffix}}, cal
+
+
+def cal_rows(cal: dict, split: str) -> list[dict]:
+    from qat_tasks.data.calibration_set import load_split
+
+    return load_split(cal["uri"], split)
 
 
 def _every_candidate_passes(cfg):
@@ -229,6 +239,14 @@ def test_challenger_registered_once_when_gates_pass(dag_run, mlflow_client, tiny
     before = len(mlflow_client.search_model_versions(f"name = '{name}'"))
     first = pipeline.challenger_stage(lenient, run, cal, champion)
     assert first["registered_version"] is not None and first["method"] in ("ptq_dynamic", "ptq_static_minmax")
+    # The finalist was judged on the evaluation split by paired intervals, timed interleaved with the champion.
+    table = {g["gate"]: g for g in first["gates"]}
+    assert {"accuracy", "rare_class_accuracy", "ece_after_ts", "p95_ratio"} <= set(table)
+    acc = table["accuracy"]
+    assert acc["verdict"] == "pass" and acc["ci_low"] <= acc["loss"] <= acc["ci_high"] and acc["unit"] == "reviewed rows"
+    assert acc["units"] == len(cal_rows(cal, "evaluation")) and table["p95_ratio"]["unit"] == "timing rounds"
+    mv = mlflow_client.get_model_version(name, first["registered_version"])
+    assert mv.tags["gates.decided_by"] == "95 % interval" and mv.tags["gates.point_rule"] == "none"
     again = pipeline.challenger_stage(lenient, run, cal, champion)
     assert again == first
     assert len(mlflow_client.search_model_versions(f"name = '{name}'")) == before + 1
@@ -444,7 +462,7 @@ def test_escalation_detector_track_judges_recall_at_a_tuned_threshold(dag_run, m
     assert (out["escalate"] == (out["label"] == "frustrated")).all()
     decision = _of(dag_run, "int8_challenger", "escalation-detector")
     gates = json.loads(open(mlflow.artifacts.download_artifacts(run_id=decision["run_id"],
-                                                                artifact_path="gates.json")).read())
+                                                                artifact_path="selection_screen.json")).read())
     assert {g["gate"] for v in gates.values() for g in v} == {"parity", "escalation_recall", "escalation_precision",
                                                               "ece_after_ts", "p95_ratio"}
 
@@ -472,7 +490,7 @@ def test_reranker_track_ranks_twenty_candidates(dag_run, mlflow_client, tmp_path
                                                                            "token_type_ids"]
     decision = _of(dag_run, "int8_challenger", "reranker")
     run = mlflow_client.get_run(decision["run_id"])
-    assert "champion.ndcg_at_10" in run.data.metrics and "champion.mrr_at_10" in run.data.metrics
+    assert "selection.champion.ndcg_at_10" in run.data.metrics and "selection.champion.mrr_at_10" in run.data.metrics
     plots = {a.path for a in mlflow_client.list_artifacts(decision["run_id"], "plots")}
     assert "plots/accuracy_vs_p95.png" in plots
 

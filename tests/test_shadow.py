@@ -135,7 +135,7 @@ def _with(cfg, shadow_updates: dict, lenient_quality: bool):
 
 
 def test_quarterly_step_replays_logged_traffic_reviews_and_promotes(intent_registry):
-    """The DAG's shadow_and_promote step in replay mode: logged traffic of evaluation conversations goes through
+    """The DAG's shadow_and_promote step in replay mode: logged traffic of replay conversations goes through
     the real ONNX Runtime champion and shadow, the paired records are reviewed, and a pass promotes."""
     from qat_tasks.data.sampling import split_of
     from qat_tasks.data.traffic_log import read_records
@@ -150,11 +150,12 @@ def test_quarterly_step_replays_logged_traffic_reviews_and_promotes(intent_regis
     assert out["outcome"] == "passed" and out["mirrored"] == 300 and out["answered"] == 300, out
     assert out["reviewed"] >= 30 and out["action"].startswith("promoted v2")
     assert aliases(intent_registry) == {"champion": "2", "previous": "1"}
-    # The replayed records are in the traffic schema, paired by request id, from evaluation conversations only.
+    # The replayed records are in the traffic schema, paired by request id, from replay conversations only: none
+    # trained, picked or judged the models.
     replayed, stats = read_records(str(cfg.state_path / "shadow-replay" / "q1" / "intent-classifier"),
                                    datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
     assert stats.get("invalid", 0) == 0 and len(replayed) == 600
-    assert {split_of(cfg, r.conversation_id) for r in replayed} == {"evaluation"}
+    assert {split_of(cfg, r.conversation_id) for r in replayed} == {"replay"}
     assert {r.event for r in replayed} == {"inference", "shadow_inference"}
     # A retried task reviews nothing twice and promotes nothing twice.
     again = replay.shadow_challenger(cfg, {"model": "intent-classifier", "registered_version": "2"}, window,
@@ -194,5 +195,14 @@ def test_production_never_promotes_on_replayed_evidence_nor_without_a_person(int
     acted = shadow.act_on(cfg, "intent-classifier", verdict, ctx("prod-r1"))
     assert verdict["verdict"] == "passed" and acted["action"].startswith("passed; waiting for: qat-tasks promote")
     assert aliases(intent_registry)["champion"] == "1"  # nobody approved yet
-    release.promote(cfg, "intent-classifier", ctx("prod-p1", "reviewed the live shadow: approved"))
+    with pytest.raises(release.PromotionError, match="nobody approved"):
+        release.promote(cfg, "intent-classifier", ctx("prod-p0", "no approval given"))
+    # A review of replayed logs never promotes under production, approved or not.
+    client = intent_registry["client"]
+    client.set_model_version_tag(name, "2", "shadow.review_source", "replay")
+    with pytest.raises(release.PromotionError, match="promotes on a live shadow review only"):
+        release.promote(cfg, "intent-classifier", ctx("prod-p2", "approved on replay"), approved_by="ops")
+    client.set_model_version_tag(name, "2", "shadow.review_source", "live")
+    release.promote(cfg, "intent-classifier", ctx("prod-p1", "reviewed the live shadow: approved"), approved_by="ops")
     assert aliases(intent_registry)["champion"] == "2"
+    assert client.get_model_version(name, "2").tags["approved_by"] == "ops"

@@ -14,6 +14,9 @@ from qat_tasks.core.config_sections import Fraction, Strict
 class EvaluationConfig(Strict):
     threads: int = Field(default=1, ge=1)
     latency_samples: int = Field(default=200, ge=10)
+    # The latency gate times champion and candidate interleaved in this many rounds (latency_samples in all,
+    # per model), in one process, and resamples whole rounds for the P95 ratio's interval.
+    latency_rounds: int = Field(default=20, ge=2)
     warmup: int = Field(default=10, ge=0)
     throughput_batch: int = Field(default=32, ge=1)
     ece_bins: int = Field(default=15, ge=2)
@@ -35,8 +38,9 @@ class RerankerGates(Strict):
 
 class EscalationGates(Strict):
     # A missed frustrated customer costs more than a false alarm: recall (at each model's own tuned
-    # threshold) must not drop; precision may give a little.
-    max_recall_drop_pts: float = Field(default=0.0, ge=0)
+    # threshold) may drop at most a point; precision may give a little more. The tolerance is a
+    # non-inferiority margin: at 0 only a candidate proven better (or answering every frustrated row alike) passes.
+    max_recall_drop_pts: float = Field(default=1.0, ge=0)
     max_precision_drop_pts: float = Field(default=3.0, ge=0)
     max_ece_increase: float = 0.01
     max_p95_ratio: float = Field(default=2 / 3, gt=0)
@@ -48,6 +52,14 @@ class LlmGates(Strict):
 
 
 class GatesConfig(Strict):
+    """Promotion gates. Each quality gate is a paired test of non-inferiority on the evaluation rows: it passes when
+    the upper end of the loss's `confidence` interval is within the tolerance, fails when the lower end is past
+    it, and otherwise reports insufficient evidence, which `on_insufficient_evidence` then blocks (production) or
+    lets the point estimate decide (`point_rule`: exploratory runs; recorded on the decision)."""
+
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    bootstrap_resamples: int = Field(default=2000, ge=200, le=100_000)
+    on_insufficient_evidence: Literal["block", "point_rule"] = "block"
     intent_classifier: EncoderGates = EncoderGates()
     escalation_detector: EscalationGates = EscalationGates()
     reranker: RerankerGates = RerankerGates()
@@ -143,8 +155,10 @@ class ShadowConfig(Strict):
     min_agreement: Fraction = 0.95
     max_shadow_error_rate: Fraction = 0.01  # errors + timeouts + dropped mirrors per mirrored request
     max_p95_ratio: float = Field(default=1.0, gt=0)  # shadow P95 / champion P95 on the same requests
-    # auto: a passing review promotes at once; manual: it waits for `qat-tasks promote`.
+    # auto: a passing review promotes at once; manual: it waits for a person (the shadow_review DAG's approval
+    # task in the Airflow UI, or `qat-tasks promote`).
     promotion: Literal["auto", "manual"] = "auto"
+    approval_timeout_hours: float = Field(default=72.0, gt=0)  # unanswered this long: rejected, nothing promoted
 
 
 DriftFeature = Literal["activations", "inputs", "predictions"]

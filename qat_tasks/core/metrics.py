@@ -138,4 +138,5 @@ def ranking_metrics(scores: np.ndarray, groups: list[str], relevant: np.ndarray,
         ndcg.append(1.0 / np.log2(rank + 1) if rank <= k else 0.0)
         mrr.append(1.0 / rank if rank <= k else 0.0)
     return {f"ndcg_at_{k}": float(np.mean(ndcg)), f"mrr_at_{k}": float(np.mean(mrr)),
-            "hit_at_1": float(np.mean(np.array(ranks) == 1)), "groups": len(by_group)}
+            "hit_at_1": float(np.mean(np.array(ranks) == 1)), "groups": len(by_group),
+            "per_group": {f"ndcg_at_{k}": np.array(ndcg), f"mrr_at_{k}": np.array(mrr)}}

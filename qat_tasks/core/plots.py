@@ -213,3 +213,24 @@ def perplexity_vs_size_chart(rows: list[dict], path=None, title: str = "LLM cand
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def gate_intervals(rows: list[dict], title: str):
+    """Each gate's loss with its interval, as a share of the gate's tolerance (1 = the tolerance): a bar left of
+    the line passes, right of it fails, across it is insufficient evidence. Rows: gates.table()."""
+    colours = {"pass": "tab:green", "fail": "tab:red", "insufficient evidence": "tab:orange"}
+    rows = [r for r in rows if r["verdict"] in colours and r["loss"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * max(2, len(rows)) + 1.2))
+    for i, r in enumerate(rows):
+        scale = r["tolerance"] if r["gate"] == "p95_ratio" or abs(r["tolerance"]) > 1e-12 else 1.0
+        lo, hi = (r["ci_low"], r["ci_high"]) if r["ci_low"] is not None else (r["loss"], r["loss"])
+        ax.plot([lo / scale, hi / scale], [i, i], color=colours[r["verdict"]], linewidth=4, solid_capstyle="butt")
+        ax.plot(r["loss"] / scale, i, "o", color="black")
+    ax.axvline(1.0, color="grey", linestyle="--", label="tolerance")
+    ax.axvline(0.0, color="lightgrey", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), [f"{r['gate']} ({r['units']} {r['unit']})" for r in rows])
+    ax.set_xlabel("loss / tolerance (P95 ratio / its maximum)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig

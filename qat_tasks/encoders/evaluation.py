@@ -29,14 +29,17 @@ from qat_tasks.data.calibration_set import load_manifest
 log = logging.getLogger(__name__)
 
 
-def evaluate_classifier(classifier, splits, role, cfg: PipelineConfig, timing: bool = True) -> dict:
-    """Quality and speed of an OnnxClassifier on a model's evaluation rows. Temperature scaling is fitted,
-    and role thresholds tuned, on the calibration rows, which the evaluation never sees."""
+def evaluate_classifier(classifier, splits, role, cfg: PipelineConfig, timing: bool = True,
+                        split: str = "evaluation") -> dict:
+    """Quality and speed of an OnnxClassifier on one of a model's judged splits (`selection` ranks candidates,
+    `evaluation` judges the one picked). Temperature scaling is fitted, and role thresholds tuned, on the
+    calibration rows, which neither judged split holds. `outcomes` holds the per-row (or per-query) figures the
+    paired gates resample."""
     from qat_tasks.core.resources import peak_rss_mb, rss_mb
     from qat_tasks.encoders.modeling import inputs_of, latency_profile, throughput
 
     ev = cfg.evaluation
-    rows, tune_rows = splits["evaluation"], splits["calibration"]
+    rows, tune_rows = splits[split], splits["calibration"]
     inputs = inputs_of(rows)
     y = np.array([role.labels.index(r["label"]) for r in rows])
     probs = classifier.predict_proba(inputs)
@@ -49,7 +52,8 @@ def evaluate_classifier(classifier, splits, role, cfg: PipelineConfig, timing: b
     report.update(role.extra_metrics(probs, y, rows, tune_probs, tune_y))
     report["temperature"] = t
     report["ece_after_ts"] = expected_calibration_error(probs_t.max(1), probs_t.argmax(1) == y, ev.ece_bins)
-    report.update({"probs": probs, "y_true": y})
+    report.update({"probs": probs, "y_true": y, "conf_t": probs_t.max(1), "split": split})
+    report["outcomes"] = role.outcomes(report)
     if not timing:
         return report
     rss_before_batches = rss_mb()

@@ -56,8 +56,20 @@ class IntentRole:
         """The same settings for an evaluated candidate, from its evaluation report."""
         return {"temperature": metrics["temperature"]}
 
-    def gates(self, cand: dict, champ: dict, parity_ok: bool, agreement: float, min_agreement: float):
-        return gates.encoder_gates(cand, champ, self.gate_config, parity_ok, agreement, min_agreement)
+    def gates(self, cand: dict, champ: dict, parity_ok: bool, agreement: float, min_agreement: float,
+              pairing: gates.Pairing | None = None):
+        return gates.encoder_gates(cand, champ, self.gate_config, parity_ok, agreement, min_agreement, pairing,
+                                   ", ".join(self.rare))
+
+    def outcomes(self, report: dict) -> dict:
+        """Per-row figures of an evaluation report, what the paired gates resample: labels, answers,
+        temperature-scaled confidences, rare-class and escalation rows."""
+        y, pred = report["y_true"], report["probs"].argmax(1)
+        out = {"y": y, "pred": pred, "conf_t": report["conf_t"], "ece_bins": self.cfg.evaluation.ece_bins,
+               "rare_mask": np.isin(y, [self.labels.index(r) for r in self.rare if r in self.labels])}
+        if "escalation" in self.labels:
+            out["escalation_mask"] = y == self.labels.index("escalation")
+        return out
 
     def parity(self, candidate_logits: np.ndarray, reference_logits: np.ndarray) -> float:
         """How closely a graph reproduces the PyTorch model it came from: top-1 agreement."""
@@ -105,8 +117,15 @@ class EscalationRole(IntentRole):
         return {"threshold": threshold, "escalation_recall": at["recall"], "escalation_precision": at["precision"],
                 "escalation_f1": at["f1"], "alarm_rate": at["alarm_rate"]}
 
-    def gates(self, cand, champ, parity_ok, agreement, min_agreement):
-        return gates.escalation_gates(cand, champ, self.gate_config, parity_ok, agreement, min_agreement)
+    def gates(self, cand, champ, parity_ok, agreement, min_agreement, pairing=None):
+        return gates.escalation_gates(cand, champ, self.gate_config, parity_ok, agreement, min_agreement, pairing)
+
+    def outcomes(self, report: dict) -> dict:
+        """Also each row's alarm at the model's own recall-tuned threshold."""
+        pos = self.labels.index("frustrated")
+        out = super().outcomes(report)
+        out.update({"alarm": report["probs"][:, pos] >= report["threshold"], "positive": report["y_true"] == pos})
+        return out
 
     def rank_key(self, m: dict) -> tuple:
         return m["escalation_recall"], m["escalation_precision"], -m["p95_ms"]
@@ -145,8 +164,12 @@ class RerankerRole(IntentRole):
         scores = np.log(p[:, rel]) - np.log(p[:, 1 - rel])
         return ranking_metrics(scores, [r["group"] for r in rows], y == rel, k=10)
 
-    def gates(self, cand, champ, parity_ok, agreement, min_agreement):
-        return gates.reranker_gates(cand, champ, self.gate_config, parity_ok, agreement, min_agreement)
+    def gates(self, cand, champ, parity_ok, agreement, min_agreement, pairing=None):
+        return gates.reranker_gates(cand, champ, self.gate_config, parity_ok, agreement, min_agreement, pairing)
+
+    def outcomes(self, report: dict) -> dict:
+        """Per query: NDCG@10 and MRR@10 (the units the ranking gates resample)."""
+        return {**super().outcomes(report), **report["per_group"]}
 
     def parity(self, candidate_logits: np.ndarray, reference_logits: np.ndarray) -> float:
         """Spearman correlation of relevance scores: ranking is what the reranker is for, and a weakly separated

@@ -88,6 +88,7 @@ def perplexity(model, windows: TokenWindows, batch_size: int = 4, progress: bool
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    per_window: list[tuple[float, int]] = []  # (NLL sum, tokens) per window: the units paired gates resample
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -99,8 +100,10 @@ def perplexity(model, windows: TokenWindows, batch_size: int = 4, progress: bool
                     nll = F.cross_entropy(logits[row, :-1].float(), x[row, 1:], reduction="none")
                     total += float(nll.double().sum())
                     count += nll.numel()
+                    per_window.append((float(nll.double().sum()), nll.numel()))
     finally:
         model.train(was_training)
     mean = total / count
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": count, "windows": len(windows),
-            "digest": windows.digest, "seconds": time.perf_counter() - t0}
+            "digest": windows.digest, "seconds": time.perf_counter() - t0,
+            "window_nll": [w[0] for w in per_window], "window_tokens": [w[1] for w in per_window]}

@@ -1,13 +1,17 @@
 """The fallback LLM's quarterly 4-bit track: quantize, judge against the unquantized model, register the best.
 
-    unquantized model (qat_tasks.llm.model) ── evaluated once: perplexity on held-out Wikipedia/news text and
-    │                                          on held-out MangaAssist conversations, intent routing, generations
+    unquantized model (qat_tasks.llm.model) ── evaluated once on the selection texts: perplexity on held-out
+    │                                          Wikipedia/news text and MangaAssist conversations of the selection
+    │                                          split, intent routing, generations
     ├─ per-block sensitivity (qat_tasks.llm.sensitivity): which blocks 4-bit hurts most
     ├─ each configured candidate (RTN, AWQ, GPTQ; domain or generic calibration; blocks kept at 16-bit):
     │    quantize (qat_tasks.llm.quantize, resumable chunk by chunk) → the same evaluation, size, wall time, peak RSS
-    └─ decision: gates (relative perplexity increase, routing-accuracy drop); the passing candidate with the
-       lowest MangaAssist perplexity is registered once per DAG run as @challenger (a compressed-tensors
-       checkpoint that vLLM serves)
+    └─ decision: the gates as point rules on the selection texts screen the candidates; the screened one with the
+       lowest MangaAssist perplexity, the finalist, and the unquantized model are then measured on the judging
+       texts (the evaluation split's conversations, the other half of the held-out generic articles), and the
+       gates (relative perplexity increase, routing-accuracy drop) are paired over text windows and routing rows;
+       a finalist that passes is registered once per DAG run as @challenger (a compressed-tensors checkpoint
+       that vLLM serves)
 
 Every step is an MLflow stage run keyed by DAG run, model and step: a retried task skips what finished and
 resumes a quantization from its last finished chunk of layers (the chunks live under the state folder, keyed
@@ -24,6 +28,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from qat_tasks.core import plots, resources, tracking
 from qat_tasks.core.config import PipelineConfig
@@ -50,6 +56,13 @@ class LlmData:
     sensitivity_windows: object
     routing_rows: list[dict]
     shots: list[tuple[str, str]]
+    judge: LlmData | None = None  # the same measurements on the judging texts (evaluation split): the finalist's
+
+    def judging(self) -> LlmData:
+        """The data that judges the finalist: the evaluation split's windows and routing rows."""
+        if self.judge is None:
+            raise ValueError("no judging texts were loaded")
+        return self.judge
 
     def describe(self) -> dict:
         return {"calibration.domain_texts": len(self.domain_calibration),
@@ -60,8 +73,9 @@ class LlmData:
 
 
 def load_data(cfg: PipelineConfig, tc: LlmTrackConfig, calibration_uri: str, tokenizer) -> LlmData:
-    """Calibration text (the version's LLM conversations; gensim's text for the generic comparison) and held-out
-    evaluation text (the version's evaluation split, whole conversations; gensim's held-out documents)."""
+    """Calibration text (the version's LLM conversations; gensim's text for the generic comparison), held-out
+    selection text (the selection split's whole conversations; every other held-out gensim article) and, in
+    `judge`, held-out judging text (the evaluation split's conversations; the other held-out articles)."""
     ep = cfg.traffic.s3_endpoint_url
     conversations = load_split(calibration_uri, "llm_conversations", ep)
     generic = corpora.generic_texts()
@@ -70,21 +84,36 @@ def load_data(cfg: PipelineConfig, tc: LlmTrackConfig, calibration_uri: str, tok
     domain_cal = pack_texts(tokenizer, corpora.conversation_texts(conversations, tokenizer), tc.max_seq_len,
                             tc.calibration_samples)
     generic_cal = generic["calibration"][: tc.calibration_samples]
+    shots: dict[str, str] = {}
+    for r in load_split(calibration_uri, "calibration", ep):
+        if r["label"] in INTENTS and r["label"] not in shots and len(r["text"]) < 120:
+            shots[r["label"]] = r["text"]
+    shot_list = [(shots[i], i) for i in INTENTS if i in shots]
+    heldout = generic["heldout"]
+    sensitivity_windows = perplexity.TokenWindows(tokenizer, heldout, tc.eval_window, tc.sensitivity_tokens)
 
-    evaluation = load_split(calibration_uri, "evaluation", ep)
-    by_conv: dict[str, list[dict]] = defaultdict(list)
-    for r in evaluation:
-        by_conv[r["conversation_id"]].append({"turn": r["turn"], "text": r["text"], "label": r["label"]})
-    held_out = [{"conversation_id": c, "turns": sorted(t, key=lambda x: x["turn"])} for c, t in sorted(by_conv.items())]
-    domain_windows = perplexity.TokenWindows(tokenizer, corpora.conversation_texts(held_out, tokenizer),
-                                           tc.eval_window, tc.eval_domain_tokens)
-    generic_windows = perplexity.TokenWindows(tokenizer, generic["heldout"], tc.eval_window, tc.eval_generic_tokens)
-    sensitivity_windows = perplexity.TokenWindows(tokenizer, generic["heldout"], tc.eval_window, tc.sensitivity_tokens)
+    def held_out(split: str, articles: list[str]) -> LlmData:
+        rows = load_split(calibration_uri, split, ep)
+        by_conv: dict[str, list[dict]] = defaultdict(list)
+        for r in rows:
+            by_conv[r["conversation_id"]].append({"turn": r["turn"], "text": r["text"], "label": r["label"]})
+        convs = [{"conversation_id": c, "turns": sorted(t, key=lambda x: x["turn"])} for c, t in sorted(by_conv.items())]
+        domain_windows = perplexity.TokenWindows(tokenizer, corpora.conversation_texts(convs, tokenizer),
+                                                 tc.eval_window, tc.eval_domain_tokens)
+        generic_windows = perplexity.TokenWindows(tokenizer, articles, tc.eval_window, tc.eval_generic_tokens)
+        return LlmData(domain_cal, generic_cal, generic_windows, domain_windows, sensitivity_windows,
+                       routing_sample(cfg, tc, rows), shot_list)
 
-    # Routing: a seeded, intent-stratified sample of held-out messages; one worked example per intent from the
-    # calibration split (never the evaluation split) as the prompt's shots.
+    data = held_out("selection", heldout[0::2])
+    data.judge = held_out("evaluation", heldout[1::2])
+    return data
+
+
+def routing_sample(cfg: PipelineConfig, tc: LlmTrackConfig, rows: list[dict]) -> list[dict]:
+    """A seeded, intent-stratified sample of held-out messages for intent routing; the prompt's shots come from
+    the calibration split, never from the rows judged."""
     rng = random.Random(cfg.calibration.seed)
-    pool = [r for r in evaluation if r["label"] in INTENTS]
+    pool = [r for r in rows if r["label"] in INTENTS]
     rng.shuffle(pool)
     per_intent: dict[str, list[dict]] = defaultdict(list)
     for r in pool:
@@ -94,13 +123,7 @@ def load_data(cfg: PipelineConfig, tc: LlmTrackConfig, calibration_uri: str, tok
         for intent in INTENTS:
             if per_intent[intent] and len(routing_rows) < tc.routing_rows:
                 routing_rows.append(per_intent[intent].pop())
-    shots: dict[str, str] = {}
-    for r in load_split(calibration_uri, "calibration", ep):
-        if r["label"] in INTENTS and r["label"] not in shots and len(r["text"]) < 120:
-            shots[r["label"]] = r["text"]
-    return LlmData(domain_cal, generic_cal, generic_windows, domain_windows, sensitivity_windows,
-                   [{"text": r["text"], "label": r["label"]} for r in routing_rows],
-                   [(shots[i], i) for i in INTENTS if i in shots])
+    return [{"text": r["text"], "label": r["label"]} for r in routing_rows]
 
 
 def pack_texts(tokenizer, texts: list[str], max_tokens: int, max_samples: int) -> list[str]:
@@ -131,7 +154,12 @@ def evaluate(model, tokenizer, data: LlmData, tc: LlmTrackConfig, batch_size: in
     for name, w, r in (("generic", data.generic_windows, generic), ("domain", data.domain_windows, domain)):
         if r.get("digest", w.digest) != w.digest:  # never compare numbers measured on different inputs
             raise RuntimeError(f"{name} perplexity was measured on windows {r['digest'][:12]}, not {w.digest[:12]}")
-    return {"metrics": {"perplexity_generic": generic["perplexity"], "perplexity_domain": domain["perplexity"],
+    outcomes = {"perplexity_generic": (np.array(generic["window_nll"]), np.array(generic["window_tokens"], float)),
+                "perplexity_domain": (np.array(domain["window_nll"]), np.array(domain["window_tokens"], float)),
+                "routing_accuracy": {"y": np.array([r["label"] for r in data.routing_rows]),
+                                     "pred": np.array(route["predictions"])}}
+    return {"outcomes": outcomes,
+            "metrics": {"perplexity_generic": generic["perplexity"], "perplexity_domain": domain["perplexity"],
                         "routing_accuracy": route["accuracy"], "routing_macro_f1": route["macro_f1"],
                         **({"routing_accuracy_calibrated": route["calibrated_accuracy"]}
                            if "calibrated_accuracy" in route else {}),
@@ -291,12 +319,13 @@ def build_llm_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: 
     # 3. Decision.
     with tracking.stage_run(exp_id, decision_key, f"w{tc.bits}-decision", {**tags, "stage": "llm-decision"},
                             parent) as run:
-        verdict = _decide(cfg, model_name, tc, base, results, client, run.info.run_id, decision_key, ctx, version)
+        verdict = _decide(cfg, model_name, tc, base, results, client, run.info.run_id, decision_key, ctx, version,
+                          lambda result, tmp: _judge_finalist(cfg, tc, base_dir, data, result, tmp))
         tracking.set_result(verdict)
     return verdict
 
 
-def _decide(cfg, model_name, tc, base, results, client, run_id, stage_key, ctx, version) -> dict:
+def _decide(cfg, model_name, tc, base, results, client, run_id, stage_key, ctx, version, judge) -> dict:
     import mlflow
     import pandas as pd
 
@@ -339,28 +368,66 @@ def _decide(cfg, model_name, tc, base, results, client, run_id, stage_key, ctx, 
 
     registered_name = tracking.registered_name(cfg, model_name)
     earlier = decision.earlier_choice(client, registered_name, stage_key)
-    passing, nothing = decision.passing(model_name, f"{tc.bits}-bit", verdicts, run_id)
+    screened, nothing = decision.passing(model_name, f"{tc.bits}-bit", verdicts, run_id)
     if earlier in results:
-        decision.keep_earlier(model_name, earlier, passing)
-        best, model_uri = earlier, None
+        decision.keep_earlier(model_name, earlier, screened)
+        finalist = earlier
     elif nothing is not None:
         return {**nothing, "unquantized": bm}
     else:
-        # Best: lowest MangaAssist perplexity, then the higher routing accuracy, then the smaller checkpoint.
-        best = min(passing, key=lambda k: (results[k]["metrics"]["perplexity_domain"],
-                                           -results[k]["metrics"]["routing_accuracy"], results[k]["metrics"]["size_mb"]))
-        meta = {"role": "llm", "method": best, "bits": tc.bits, "group_size": tc.group_size,
-                "calibration_version": version, "max_new_tokens": tc.max_new_tokens, "format": "compressed-tensors"}
-        with tempfile.TemporaryDirectory(prefix="llm-decision-") as tmp:
-            model_uri = packaging.log_llm(_checkpoint_of(results[best], Path(tmp)), meta)
-    lineage = {"calibration_version": version, "candidate_run_id": results[best]["run_id"],
-               "airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id, "format": "compressed-tensors"}
+        # Finalist: lowest MangaAssist perplexity on the selection texts, then the higher routing accuracy, then
+        # the smaller checkpoint.
+        finalist = min(screened, key=lambda k: (results[k]["metrics"]["perplexity_domain"],
+                                                -results[k]["metrics"]["routing_accuracy"],
+                                                results[k]["metrics"]["size_mb"]))
+    with tempfile.TemporaryDirectory(prefix="llm-decision-") as tmp:
+        final, base_eval, outcome = judge(results[finalist], Path(tmp))
+        gate_rows = gates.table(finalist, outcome)
+        mlflow.log_table(pd.DataFrame(gate_rows), "gate_table.json")
+        mlflow.log_metrics({**{f"finalist.{k}": float(v) for k, v in final.items()},
+                            **{f"unquantized.judged.{k}": float(v) for k, v in base_eval.items()}})
+        fig = plots.gate_intervals(gate_rows, f"{model_name}: {finalist} against the unquantized model on the "
+                                              f"judging texts")
+        mlflow.log_figure(fig, "plots/gate_intervals.png")
+        plots.close(fig)
+        mlflow.set_tag("decision.finalist", finalist)
+        refused = decision.judged(model_name, finalist, outcome, run_id)
+        if refused is not None:
+            return {**refused, "unquantized": bm}
+        model_uri = None
+        if earlier != finalist:
+            meta = {"role": "llm", "method": finalist, "bits": tc.bits, "group_size": tc.group_size,
+                    "calibration_version": version, "max_new_tokens": tc.max_new_tokens, "format": "compressed-tensors"}
+            model_uri = packaging.log_llm(_checkpoint_of(results[finalist], Path(tmp) / "package"), meta)
+    lineage = {"calibration_version": version, "candidate_run_id": results[finalist]["run_id"],
+               "airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id, "format": "compressed-tensors",
+               **decision.gate_tags(outcome)}
     out = decision.register_challenger(
-        client, model_name=model_name, registered_name=registered_name, best=best,
+        client, model_name=model_name, registered_name=registered_name, best=finalist,
         model_uri=model_uri, stage_key=stage_key, run_id=run_id, lineage=lineage,
-        description=f"W{tc.bits}A16 {best} on calibration {version}")
-    return {**out, "metrics": results[best]["metrics"],
-            "headline": headline(results[best]["metrics"]), "unquantized": bm}
+        description=f"W{tc.bits}A16 {finalist} on calibration {version}")
+    return {**out, "metrics": final, "headline": headline(final), "unquantized": bm, "gates": gate_rows}
+
+
+def _judge_finalist(cfg, tc, base_dir: Path, data: LlmData, result: dict, tmp: Path):
+    """The finalist and the unquantized model on the judging texts (read here only): their metrics and the gates,
+    paired over text windows and routing rows."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qat_tasks.llm import checkpoint
+
+    judge = data.judging()
+    reference = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    base = evaluate(reference, AutoTokenizer.from_pretrained(base_dir), judge, tc)
+    del reference
+    model, qtok = checkpoint.load_quantized(_checkpoint_of(result, tmp / "finalist"))
+    cand = evaluate(model, qtok, judge, tc)
+    del model
+    final = {**cand["metrics"], "size_mb": result["metrics"]["size_mb"]}
+    base_metrics = {**base["metrics"]}
+    pairing = gates.Pairing(cand["outcomes"], base["outcomes"], gates.judgement_of(cfg.gates, cfg.calibration.seed))
+    return final, base_metrics, gates.llm_gates(final, base_metrics, cfg.gates.llm, pairing)
 
 
 def _checkpoint_of(result: dict, tmp: Path) -> Path:

@@ -89,12 +89,16 @@ def measure(cfg: PipelineConfig, champ: dict, pairs: list) -> tuple[dict, dict, 
     if labelled:
         y = np.array([idx[c.reviewed_label] for c, _ in labelled])
         rare = list(cfg.calibration.rare_intents)
+        outcomes = []
         for target, pick in ((champion, 0), (shadow, 1)):
-            rep = prediction_report(y, np.array([idx[p[pick].intent] for p in labelled]),
-                                    np.array([p[pick].confidence for p in labelled]), list(INTENTS), rare,
-                                    cfg.evaluation.ece_bins)
+            pred = np.array([idx[p[pick].intent] for p in labelled])
+            conf = np.array([p[pick].confidence for p in labelled])
+            rep = prediction_report(y, pred, conf, list(INTENTS), rare, cfg.evaluation.ece_bins)
             target.update({k: rep[k] for k in ("accuracy", "rare_class_accuracy", "macro_f1", "ece",
                                                "escalation_recall")})
+            outcomes.append({"y": y, "pred": pred, "conf_t": conf, "ece_bins": cfg.evaluation.ece_bins,
+                             "rare_mask": np.isin(y, [idx[r] for r in rare]), "escalation_mask": y == idx["escalation"]})
+        details["outcomes"] = {"champion": outcomes[0], "shadow": outcomes[1]}  # per reviewed request, paired
     return shadow, champion, details
 
 
@@ -125,10 +129,21 @@ def review(cfg: PipelineConfig, model_name: str, records, ctx: tracking.RunConte
         short.append(f"{shadow_m['mirrored']} mirrored requests < {sc.min_mirrored_requests}")
     if shadow_m["reviewed"] < sc.min_reviewed_labels:
         short.append(f"{shadow_m['reviewed']} reviewed labels < {sc.min_reviewed_labels}")
-    results = gates.shadow_gates(shadow_m, champ_m, sc, cfg.gates.intent_classifier) if pairs else []
+    pairing = None
+    if "outcomes" in details:
+        o = details["outcomes"]
+        pairing = gates.Pairing(o["shadow"], o["champion"], gates.judgement_of(cfg.gates, cfg.calibration.seed))
+    results = gates.shadow_gates(shadow_m, champ_m, sc, cfg.gates.intent_classifier, pairing,
+                                 ", ".join(cfg.calibration.rare_intents)) if pairs else []
+    unresolved = [r for r in results if r.insufficient and not r.passed]
     if short:
         verdict = "insufficient_evidence"
         why = "not enough evidence yet: " + "; ".join(short)
+    elif unresolved and all(r.passed or r.insufficient for r in results):
+        # The reviewed labels cannot tell yet: the shadow keeps running while more arrive.
+        verdict = "insufficient_evidence"
+        why = "the reviewed labels cannot resolve " + "; ".join(
+            f"{r.gate} ({r.limit})" for r in unresolved)
     elif all(r.passed for r in results):
         verdict, why = "passed", gates.summarize(results)
     else:
@@ -143,6 +158,12 @@ def review(cfg: PipelineConfig, model_name: str, records, ctx: tracking.RunConte
                             **{f"champion.{k}": v for k, v in champ_m.items() if v == v},
                             **({"p95_ratio": shadow_m["p95_ms"] / champ_m["p95_ms"]} if pairs else {})})
         mlflow.log_dict([r.to_dict() for r in results], "gates.json")
+        if results:
+            rows = gates.table(f"shadow v{sv}", results)
+            mlflow.log_table(pd.DataFrame(rows), "gate_table.json")
+            fig = plots.gate_intervals(rows, f"{model_name}: shadow v{sv} against champion v{cv} ({source})")
+            mlflow.log_figure(fig, "plots/gate_intervals.png")
+            plots.close(fig)
         if details["per_class"]:
             mlflow.log_table(pd.DataFrame([{"champion_intent": k, **v} for k, v in details["per_class"].items()]),
                              "per_class_disagreement.json")
@@ -160,6 +181,8 @@ def review(cfg: PipelineConfig, model_name: str, records, ctx: tracking.RunConte
         client.set_model_version_tag(name, sv, "shadow.review", verdict)
         client.set_model_version_tag(name, sv, "shadow.review_run", run.info.run_id)
         client.set_model_version_tag(name, sv, "shadow.review_champion", cv)
+        # What the review judged: production promotes on a live review only (release.promote).
+        client.set_model_version_tag(name, sv, "shadow.review_source", "replay" if source.startswith("replay") else "live")
         result = {"model": model_name, "verdict": verdict, "why": why, "run_id": run.info.run_id,
                   "champion_version": cv, "shadow_version": sv, "source": source,
                   "mirrored": shadow_m["mirrored"], "answered": shadow_m["answered"], "reviewed": shadow_m["reviewed"],

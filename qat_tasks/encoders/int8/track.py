@@ -1,11 +1,20 @@
-"""The INT8 stage for an encoder: build candidates from the champion, measure each beside the champion in
-ONNX Runtime on the same data, gate them, and register the best passing one as @challenger.
+"""The INT8 stage for an encoder: build candidates from the champion, rank them on the selection split, judge
+the one picked on the evaluation split, and register it as @challenger when it passes.
+
+  candidates        each measured in ONNX Runtime on the selection split (quality, parity, latency)
+  screen            the gates as point rules on the selection split against the champion there; the
+                    mixed-precision search (per-layer sensitivity, FP32 fallback) runs on it too
+  finalist          the best screened candidate by the role's ranking: the only one the evaluation split sees
+  gates             candidate and champion on the evaluation rows, paired (bootstrap intervals of each loss against
+                    its tolerance), and timed interleaved in one process in this attempt
 
 MLflow, in the model's experiment under this DAG run's parent run:
-  int8 <candidate>   one run per candidate: metrics, parity, gates, plots, the ONNX graph
-  int8-decision      the champion re-measured side by side, the comparison table, accuracy-against-P95 and
-                     latency plots, the decision; the registered version when one passed
-Each run is keyed by DAG run, model and candidate: a retried task skips candidates that finished.
+  int8 <candidate>   one run per candidate: selection-split metrics, parity, plots, the ONNX graph
+  int8-decision      the screen's comparison table and plots, the finalist's and the champion's evaluation
+                     metrics, the gate table (estimate, interval, tolerance, verdict), the decision; the
+                     registered version when the finalist passed
+Each run is keyed by DAG run, model and candidate: a retried task skips candidates that finished, and the
+decision is made once per DAG run.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ class Workbench:
         from qat_tasks.encoders.roles import role_for
 
         self.cfg, self.mcfg = cfg, cfg.model(model_name)
+        self.calibration_uri = calibration_uri
         self.role = role_for(cfg, model_name)
         self.paths = registry.download(champion["registered_model"], champion["version"], tmp / "champion")
         self.meta = json.loads(self.paths["meta"].read_text())
@@ -52,15 +62,15 @@ class Workbench:
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths["hf"])
         self.hf_model = AutoModelForSequenceClassification.from_pretrained(self.paths["hf"]).eval()
         self.splits = role_splits.load(cfg, model_name, calibration_uri)
-        self.eval_rows, self.train_rows = self.splits["evaluation"], self.splits["qat_train"]
+        self.sel_rows, self.train_rows = self.splits["selection"], self.splits["qat_train"]
         self.trained: dict = {}  # QAT trainings shared by the candidates exported from them
         self.calib_texts = inputs_of(self.splits["calibration"])
         qc = self.mcfg.quantization
         self.batches = ort_quant.calibration_batches(self.tokenizer, self.calib_texts, self.max_length,
                                                      qc.calibration_batch_size)
         self.preprocessed = ort_quant.preprocess(self.paths["onnx"], tmp / "preprocessed.onnx")
-        step = max(1, len(self.eval_rows) // qc.parity_samples)  # spread over the split (and reranking groups)
-        self.parity_texts = inputs_of(self.eval_rows[::step][: qc.parity_samples])
+        step = max(1, len(self.sel_rows) // qc.parity_samples)  # spread over the split (and reranking groups)
+        self.parity_texts = inputs_of(self.sel_rows[::step][: qc.parity_samples])
         self.reference_logits = self.reference(self.hf_model)
 
     def reference(self, model) -> np.ndarray:
@@ -77,11 +87,13 @@ class Workbench:
 
         return OnnxClassifier(onnx_path, self.tokenizer, self.labels, self.max_length, threads=self.cfg.evaluation.threads)
 
-    def quality(self, onnx_path: Path) -> dict:
-        """Quality metrics only (no latency): what per-layer sensitivity needs."""
+    def quality(self, onnx_path: Path, split: str = "selection") -> dict:
+        """Quality metrics only (no latency): what per-layer sensitivity (on the selection split) and the
+        finalist's gates (on the evaluation split) need."""
         from qat_tasks.encoders.evaluation import evaluate_classifier
 
-        return evaluate_classifier(self._classifier(onnx_path), self.splits, self.role, self.cfg, timing=False)
+        return evaluate_classifier(self._classifier(onnx_path), self.splits, self.role, self.cfg, timing=False,
+                                   split=split)
 
     def recipe(self, name: str, tmp: Path):
         """How candidate `name` was quantized (after it was built in this task)."""
@@ -96,13 +108,13 @@ class Workbench:
         return Recipe(self.preprocessed, kind)
 
     def measure(self, onnx_path: Path, reference_logits: np.ndarray | None = None) -> dict:
-        """Every metric of the role in ONNX Runtime, plus parity with the PyTorch model the graph came from
-        (`reference_logits`; default the champion's)."""
+        """Every metric of the role in ONNX Runtime on the selection split, plus parity with the PyTorch model the
+        graph came from (`reference_logits`; default the champion's)."""
         from qat_tasks.encoders.evaluation import evaluate_classifier
 
         ref = self.reference_logits if reference_logits is None else reference_logits
         clf = self._classifier(onnx_path)
-        report = evaluate_classifier(clf, self.splits, self.role, self.cfg)
+        report = evaluate_classifier(clf, self.splits, self.role, self.cfg, split="selection")
         cand_logits = clf.logits(self.parity_texts)
         report["parity_agreement"] = self.role.parity(cand_logits, ref)
         report["parity_max_abs_logit_diff"] = float(np.abs(cand_logits - ref).max())
@@ -286,12 +298,12 @@ def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, t
         table.append({"candidate": name, **m, "passed": all(r.passed for r in outcome),
                       "failed_gates": ", ".join(r.gate for r in outcome if not r.passed)})
     table.append({"candidate": "champion (fp32)", **champ, "passed": None, "failed_gates": ""})
-    mlflow.log_metrics({f"champion.{k}": v for k, v in champ.items()})
-    mlflow.log_table(pd.DataFrame(table), "comparison.json")
-    mlflow.log_dict({n: [r.to_dict() for r in v] for n, v in verdicts.items()}, "gates.json")
+    mlflow.log_metrics({f"selection.champion.{k}": v for k, v in champ.items()})
+    mlflow.log_table(pd.DataFrame(table), "selection_comparison.json")
+    mlflow.log_dict({n: [r.to_dict() for r in v] for n, v in verdicts.items()}, "selection_screen.json")
     fig = plots.accuracy_vs_latency({row["candidate"]: (row["p95_ms"], row[quality_key], row["size_mb"], row["passed"])
-                                     for row in table}, f"{model_name}: INT8 candidates against the FP32 champion",
-                                    quality_key.replace("_", " "))
+                                     for row in table}, f"{model_name}: INT8 candidates against the FP32 champion "
+                                                        f"(selection split)", quality_key.replace("_", " "))
     mlflow.log_figure(fig, "plots/accuracy_vs_p95.png")
     plots.close(fig)
     samples = {n: mlflow.artifacts.load_dict(f"runs:/{r['run_id']}/latency_samples.json")["samples_ms"]
@@ -301,27 +313,85 @@ def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, t
     plots.close(fig)
 
     earlier = decision.earlier_choice(client, champion["registered_model"], stage_key)
-    passing, nothing = decision.passing(model_name, "INT8", verdicts, run_id)
+    screened, nothing = decision.passing(model_name, "INT8", verdicts, run_id)
     if earlier in results:
-        decision.keep_earlier(model_name, earlier, passing)
-        best, model_uri = earlier, None
+        decision.keep_earlier(model_name, earlier, screened)
+        finalist = earlier
     elif nothing is not None:
         return nothing
     else:
-        # Best = the passing candidate best on the role's headline metric; ties go to the faster one.
-        best = max(passing, key=lambda n: role.rank_key(results[n]["metrics"]))
-        model_uri = _package(bench, results[best], best, champion, cal_version, tmp)
+        # The finalist = the screened candidate best on the role's headline metric on the selection split; ties
+        # go to the faster one. Only it meets the evaluation split.
+        finalist = max(screened, key=lambda n: role.rank_key(results[n]["metrics"]))
+    final, champ_eval, outcome = _judge_finalist(cfg, bench, results[finalist], finalist, tmp, model_name)
+    rows = gates.table(finalist, outcome)
+    mlflow.log_table(pd.DataFrame(rows), "gate_table.json")
+    mlflow.log_metrics({**{f"finalist.{k}": v for k, v in final.items()},
+                        **{f"champion.{k}": v for k, v in champ_eval.items()}})
+    fig = plots.gate_intervals(rows, f"{model_name}: {finalist} against the champion on the evaluation split")
+    mlflow.log_figure(fig, "plots/gate_intervals.png")
+    plots.close(fig)
+    mlflow.set_tag("decision.finalist", finalist)
+    dataset = tracking.dataset(bench.splits["evaluation"], bench.calibration_uri,
+                               f"{model_name}-evaluation-{cal_version}")
+    mlflow.log_input(dataset, context="evaluation")
+    decision.log_against_models(client, champion["registered_model"], {str(champion["version"]): champ_eval}, dataset)
+    judged = decision.judged(model_name, finalist, outcome, run_id)
+    if judged is not None:
+        return judged
+    model_uri = None if earlier == finalist else _package(bench, results[finalist], finalist, champion, cal_version,
+                                                          tmp, final)
     lineage = {"calibration_version": cal_version, "champion_version": champion["version"],
-               "candidate_run_id": results[best]["run_id"], "airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id}
+               "candidate_run_id": results[finalist]["run_id"], "airflow.dag_id": ctx.dag_id,
+               "airflow.run_id": ctx.run_id, **decision.gate_tags(outcome)}
     out = decision.register_challenger(
-        client, model_name=model_name, registered_name=champion["registered_model"], best=best, model_uri=model_uri,
-        stage_key=stage_key, run_id=run_id, lineage=lineage,
-        description=f"INT8 {best} from champion v{champion['version']} on calibration {cal_version}")
-    return {**out, "metrics": results[best]["metrics"],
-            "headline": role.headline(results[best]["metrics"])}
+        client, model_name=model_name, registered_name=champion["registered_model"], best=finalist,
+        model_uri=model_uri, stage_key=stage_key, run_id=run_id, lineage=lineage,
+        description=f"INT8 {finalist} from champion v{champion['version']} on calibration {cal_version}")
+    decision.log_against_models(client, champion["registered_model"],
+                                {out["registered_version"]: {**final, **decision.gate_figures(rows)}}, dataset)
+    return {**out, "metrics": final, "headline": role.headline(final), "gates": rows}
 
 
-def _package(bench, result: dict, best: str, champion: dict, cal_version: str, tmp: Path) -> str:
+def _judge_finalist(cfg, bench, result: dict, name: str, tmp: Path, model_name: str):
+    """The finalist and the champion on the evaluation split (read here only), and timed interleaved in rounds
+    in this process: their metrics there and the paired gates."""
+    import mlflow
+
+    from qat_tasks.encoders.modeling import inputs_of
+    from qat_tasks.promotion import evidence
+
+    onnx = Path(mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path=result["onnx_artifact"],
+                                                    dst_path=str(tmp / "finalist")))
+    cand_clf, champ_clf = bench._classifier(onnx), bench._classifier(bench.paths["onnx"])
+    rep_k, rep_c = bench.quality(onnx, "evaluation"), bench.quality(bench.paths["onnx"], "evaluation")
+    ev = cfg.evaluation
+    log.info("%s: finalist %s and the champion on %d evaluation rows; timing them interleaved in %d rounds",
+             model_name, name, len(bench.splits["evaluation"]), ev.latency_rounds)
+    rounds = evidence.interleaved_latency({"champion": champ_clf.logits, "candidate": cand_clf.logits},
+                                          inputs_of(bench.splits["evaluation"]), ev.latency_rounds,
+                                          max(1, ev.latency_samples // ev.latency_rounds), ev.warmup)
+    final = {**_scalars(rep_k), **{k: result["metrics"][k] for k in ("parity_agreement", "parity_max_abs_logit_diff")
+                                   if k in result["metrics"]}}
+    champ_eval = _scalars(rep_c)
+    for metrics, key in ((final, "candidate"), (champ_eval, "champion")):
+        times = np.concatenate(rounds[key])
+        metrics.update({"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
+                        "size_mb": result["metrics"]["size_mb"] if key == "candidate" else
+                        champ_clf.size_bytes / 2**20})
+    qc = cfg.model(model_name).quantization
+    pairing = gates.Pairing(rep_k["outcomes"], rep_c["outcomes"], gates.judgement_of(cfg.gates, cfg.calibration.seed),
+                            (rounds["champion"], rounds["candidate"]))
+    outcome = bench.role.gates(final, champ_eval, final["parity_agreement"] >= qc.parity_min_agreement,
+                               final["parity_agreement"], qc.parity_min_agreement, pairing)
+    np.savez_compressed(tmp / "evidence.npz", **{f"candidate.{k}": np.asarray(v) for k, v in rep_k["outcomes"].items()},
+                        **{f"champion.{k}": np.asarray(v) for k, v in rep_c["outcomes"].items()},
+                        **{f"latency.{k}": np.stack(v) for k, v in rounds.items()})
+    mlflow.log_artifact(str(tmp / "evidence.npz"), "evidence")  # what bench/gate_power.py resamples
+    return final, champ_eval, outcome
+
+
+def _package(bench, result: dict, best: str, champion: dict, cal_version: str, tmp: Path, final: dict) -> str:
     """The chosen candidate packaged as an encoder version's artifacts; returns the model URI."""
     import mlflow
 
@@ -329,7 +399,7 @@ def _package(bench, result: dict, best: str, champion: dict, cal_version: str, t
                                                     artifact_path=result["onnx_artifact"], dst_path=str(tmp / "win")))
     meta = {**bench.meta, "precision": "int8", "method": best, "champion_version": champion["version"],
             "calibration_version": cal_version}
-    meta.update(bench.role.packaged_settings(result["metrics"]))  # its own temperature or threshold
+    meta.update(bench.role.packaged_settings(final))  # its own temperature or threshold (fitted on calibration rows)
     hf_dir = tmp / "package" / "hf"
     shutil.copytree(bench.paths["hf"], hf_dir)
     return packaging.log_encoder(hf_dir, onnx, meta)
