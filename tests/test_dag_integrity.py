@@ -56,6 +56,37 @@ def test_production_config_puts_the_llm_on_the_gpu_queue_and_pool(monkeypatch):
     assert dag.get_task("int8_challenger").queue != "gpu"
 
 
+def test_production_shadow_review_asks_a_person_before_promoting(monkeypatch, dagbag):
+    """Under production (shadow.promotion: manual) a passed live review goes to Airflow's approval operator, and
+    only its "Approve" reaches the promotion; unanswered it rejects. The embedded default promotes on its own."""
+    import importlib.util
+    from datetime import timedelta
+
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    assert not any(t.task_id.startswith("approve_") for t in dagbag.dags["shadow_review"].tasks)
+    monkeypatch.setenv("QAT_CONFIG", str(ROOT / "configs" / "production.yaml"))
+    spec = importlib.util.spec_from_file_location("sr_prod", ROOT / "dags" / "shadow_review.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dag = module.DAG
+    ask = dag.get_task("approve_intent_classifier")
+    assert isinstance(ask, ApprovalOperator) and ask.defaults == ["Reject"]
+    assert ask.response_timeout == timedelta(hours=72)
+    assert ask.upstream_task_ids == {"needs_approval_intent_classifier"}
+    assert dag.get_task("promote_intent_classifier").upstream_task_ids == {"approve_intent_classifier"}
+    assert "review" in dag.get_task("needs_approval_intent_classifier").upstream_task_ids
+
+
+def test_an_approval_names_its_approver_and_a_rejection_names_nobody():
+    from qat_tasks.promotion.release import approver_of
+
+    assert approver_of({"chosen_options": ["Approve"], "responded_by_user": {"id": "7", "name": "kenji"}}) == \
+        "airflow:kenji"
+    assert approver_of({"chosen_options": ["Reject"], "responded_by_user": {"id": "7", "name": "kenji"}}) is None
+    assert approver_of({}) is None
+
+
 def test_params_reject_bad_values(dagbag):
     from airflow.sdk.definitions.param import ParamValidationError
 

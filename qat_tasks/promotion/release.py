@@ -22,8 +22,14 @@ class PromotionError(RuntimeError):
     """A promotion or rollback that the evidence does not allow; the message says what is missing."""
 
 
-def promote(cfg: PipelineConfig, model_name: str, ctx: tracking.RunContext, version: str | None = None) -> dict:
-    """Move @champion to `version` (default @shadow) and keep the old champion as @previous."""
+def promote(cfg: PipelineConfig, model_name: str, ctx: tracking.RunContext, version: str | None = None,
+            approved_by: str | None = None) -> dict:
+    """Move @champion to `version` (default @shadow) and keep the old champion as @previous.
+
+    Refused without a passed offline decision and a passed shadow review against today's champion; with
+    `shadow.review: live`, a review of replayed logs does not count; with `shadow.promotion: manual`, a person
+    must have approved it (`approved_by`: the Airflow user who answered the shadow_review DAG's approval task, or
+    the user who ran `qat-tasks promote`)."""
     import mlflow
 
     client = tracking.configure(cfg)
@@ -49,13 +55,21 @@ def promote(cfg: PipelineConfig, model_name: str, ctx: tracking.RunContext, vers
         raise PromotionError(f"refusing to promote {name} v{version}: its shadow review "
                              + (f"says {verdict!r} (MLflow run {mv.tags.get('shadow.review_run')})" if verdict else
                                 "never ran"))
+    if cfg.shadow.review == "live" and mv.tags.get("shadow.review_source") != "live":
+        raise PromotionError(f"refusing to promote {name} v{version}: its review judged "
+                             f"{mv.tags.get('shadow.review_source') or 'unrecorded'} evidence, and this profile "
+                             f"(shadow.review: live) promotes on a live shadow review only")
+    if cfg.shadow.promotion == "manual" and not approved_by:
+        raise PromotionError(f"refusing to promote {name} v{version}: shadow.promotion is manual and nobody approved "
+                             f"it (approve the shadow_review DAG's approval task in the Airflow UI, or run "
+                             f"qat-tasks promote)")
     if champion is not None and mv.tags.get("shadow.review_champion") != str(champion.version):
         raise PromotionError(f"refusing to promote {name} v{version}: it was reviewed against "
                              f"v{mv.tags.get('shadow.review_champion')}, but @champion is now v{champion.version}; "
                              f"review it again")
     old = str(champion.version) if champion is not None else None
     with tracking.stage_run(exp_id, key, f"promotion v{version}", {**ctx.tags(), "stage": "promotion"}) as run:
-        mlflow.log_params({"from_version": old, "to_version": version,
+        mlflow.log_params({"from_version": old, "to_version": version, "approved_by": approved_by or "auto",
                            "review_run": mv.tags.get("shadow.review_run"), "reason": ctx.reason[:500]})
         if old is not None:  # @previous first: a crash in between leaves the old champion serving, and findable
             client.set_registered_model_alias(name, registry.PREVIOUS, old)
@@ -65,6 +79,7 @@ def promote(cfg: PipelineConfig, model_name: str, ctx: tracking.RunContext, vers
             if held is not None and str(held.version) == str(version):
                 client.delete_registered_model_alias(name, alias)
         client.set_model_version_tag(name, version, "promoted_by", ctx.run_id)
+        client.set_model_version_tag(name, version, "approved_by", approved_by or "auto (shadow.promotion: auto)")
         client.set_model_version_tag(name, version, "promoted_at", datetime.now(UTC).isoformat(timespec="seconds"))
         result = {"model": model_name, "outcome": f"promoted v{version} to @champion (@previous v{old})",
                   "champion_version": version, "previous_version": old, "run_id": run.info.run_id}
@@ -72,6 +87,32 @@ def promote(cfg: PipelineConfig, model_name: str, ctx: tracking.RunContext, vers
         tracking.set_result(result)
     log.info("%s: %s; roll back with: qat-tasks rollback --model %s --reason ...", name, result["outcome"], model_name)
     return result
+
+
+def awaiting_approval(cfg: PipelineConfig, model_name: str) -> dict | None:
+    """What an approver is asked about: @shadow with a passed live review against today's champion, not yet
+    promoted; None when there is nothing to approve."""
+    client = tracking.configure(cfg)
+    name = tracking.registered_name(cfg, model_name)
+    mv = registry.alias_version(client, name, registry.SHADOW)
+    champion = registry.alias_version(client, name, registry.CHAMPION)
+    if mv is None or mv.tags.get("shadow.review") != "passed":
+        return None
+    if champion is not None and mv.tags.get("shadow.review_champion") != str(champion.version):
+        return None
+    return {"model": model_name, "registered_model": name, "version": str(mv.version),
+            "champion_version": str(champion.version) if champion is not None else None,
+            "method": mv.tags.get("method", "?"), "review_run": mv.tags.get("shadow.review_run", "?"),
+            "review_source": mv.tags.get("shadow.review_source", "?"),
+            "gates_decided_by": mv.tags.get("gates.decided_by", "?")}
+
+
+def approver_of(response: dict) -> str | None:
+    """Who approved, from an Airflow approval task's response (None when it was rejected or timed out)."""
+    if not response or response.get("chosen_options") != ["Approve"]:
+        return None
+    user = response.get("responded_by_user") or {}
+    return f"airflow:{user.get('name') or user.get('id') or 'unknown'}"
 
 
 def rollback(cfg: PipelineConfig, model_name: str, ctx: tracking.RunContext) -> dict:
