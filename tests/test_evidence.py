@@ -1,8 +1,6 @@
 """Paired non-inferiority gates: intervals that know their uncertainty, insufficient evidence with the rows it
 lacks, the configured fallback, and latency timed interleaved."""
 
-import time
-
 import numpy as np
 import pytest
 
@@ -101,24 +99,45 @@ def test_resample_weights_draw_every_row_set_with_replacement():
     assert np.array_equal(w, evidence.resample_weights(50, 300, 7))
 
 
-def test_latency_is_timed_interleaved_and_judged_as_a_ratio_with_its_interval():
-    def model(ms):
-        def predict(batch):
-            end = time.perf_counter() + ms / 1000
-            while time.perf_counter() < end:
-                pass
-        return predict
-
-    rounds = evidence.interleaved_latency({"champion": model(2.0), "candidate": model(1.0)}, ["x"], 8, 5, 1)
-    assert [len(r) for r in rounds["champion"]] == [5] * 8
+def test_latency_rounds_interleave_the_models_and_the_ratio_is_judged_with_its_interval():
+    calls = []
+    rounds = evidence.interleaved_latency({"champion": lambda b: calls.append(("champion", b[0])),
+                                           "candidate": lambda b: calls.append(("candidate", b[0]))},
+                                          ["a", "b", "c"], rounds=4, per_round=3, warmup=1)
+    assert [len(r) for r in rounds["champion"]] == [3] * 4 and [len(r) for r in rounds["candidate"]] == [3] * 4
+    timed = calls[2:]  # after one warm-up call each
+    # Each round times both models on the same requests, and the order of models alternates between rounds.
+    assert [m for m, _ in timed[0:6:3]] == ["champion", "candidate"]
+    assert [m for m, _ in timed[6:12:3]] == ["candidate", "champion"]
+    assert [x for m, x in timed[:6] if m == "champion"] == [x for m, x in timed[:6] if m == "candidate"]
+    # Synthetic timings: the ratio's interval is judged against the maximum ratio.
+    rng = np.random.default_rng(0)
+    champ = [rng.normal(10, 0.5, 10) for _ in range(20)]
     j = evidence.Judgement(seed=0)
-    fast = evidence.latency_ratio(rounds["champion"], rounds["candidate"], 0.8, j)
+    fast = evidence.latency_ratio(champ, [c * 0.5 for c in champ], 0.8, j)
     assert fast.verdict == evidence.PASS and fast.high < 0.8 and fast.unit == "timing rounds"
-    same = evidence.latency_ratio(rounds["champion"], rounds["champion"], 0.8, j)
+    same = evidence.latency_ratio(champ, champ, 0.8, j)
     assert same.verdict == evidence.FAIL and same.estimate == pytest.approx(1.0)
+    noisy = [c * rng.choice([0.6, 1.2], 10) for c in champ]
+    at = evidence.latency_ratio(champ, noisy, 10.0, j).estimate
+    on_the_line = evidence.latency_ratio(champ, noisy, at, j)  # a ratio right at its maximum: cannot tell
+    assert on_the_line.verdict == evidence.INSUFFICIENT and on_the_line.more_units is None
 
 
 def test_more_units_needed_follows_the_square_root_law():
     # Half-width 2 at 100 units around an estimate 1 below the tolerance: 4x the units halve it to 1.
     assert evidence.more_units_needed(100, 0.0, -2.0, 2.0, 1.0) == 300
     assert evidence.more_units_needed(100, 1.0, -1.0, 3.0, 1.0) is None  # on the tolerance: no count settles it
+
+
+def test_the_run_report_prints_each_gate_with_its_interval_and_verdict():
+    from qat_tasks.promotion.gates import table
+    from qat_tasks.reporting.run_report import gate_lines
+
+    cand, champ = _rows(300, 30, 3, 1)
+    results = list(_gates(cand, champ, evidence.Judgement(seed=1)).values())
+    lines = gate_lines({"gates": table("ptq_dynamic", results)})
+    (acc,) = [line for line in lines if " accuracy:" in line]
+    assert "ptq_dynamic accuracy: loss +0.667 [" in acc and "vs tolerance 1 on 300 reviewed rows" in acc
+    assert acc.endswith("more reviewed rows") and "insufficient evidence" in acc
+    assert not any(" parity:" in line for line in lines)  # a check, not a statistic

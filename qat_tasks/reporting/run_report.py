@@ -33,6 +33,7 @@ def report(cfg: PipelineConfig, ctx: tracking.RunContext, models: list[str], cal
                      + (f" ({d['method']}: {d.get('headline')}, P95 {d['metrics']['p95_ms']:.1f} ms, "
                         f"{d['metrics']['size_mb']:.1f} MB)" if d.get("registered_version") else
                         f" (failed gates: {d.get('why')})"))
+        lines.extend(gate_lines(d))
     for sh in shadows:
         lines.append(f"  {sh['model']} shadow: {sh['outcome']}" + (f" -> {sh['action']}" if sh.get("action") else "")
                      + (f" ({sh['why']})" if sh.get("why") and sh.get("verdict") != "passed" else ""))
@@ -40,6 +41,7 @@ def report(cfg: PipelineConfig, ctx: tracking.RunContext, models: list[str], cal
         lines.append(f"  {d['model']} 4-bit: {d['decision']}"
                      + (f" ({d['method']}: {d.get('headline')})" if d.get("registered_version") else
                         f" (failed gates: {d.get('why')})"))
+        lines.extend(gate_lines(d))
     budget = None
     if llm_decisions or decisions:
         budget = log_memory_budget(cfg, ctx, calibration, evaluations, decisions, llm_decisions)
@@ -53,6 +55,19 @@ def report(cfg: PipelineConfig, ctx: tracking.RunContext, models: list[str], cal
             "challengers": {d["model"]: d.get("registered_version") for d in [*decisions, *llm_decisions]},
             "shadows": {sh["model"]: sh.get("action") or sh["outcome"] for sh in shadows},
             "memory_budget": budget}
+
+
+def gate_lines(decision: dict) -> list[str]:
+    """The finalist's gates as the decision judged them: loss, interval, tolerance, verdict (and what is missing)."""
+    out = []
+    for g in decision.get("gates") or []:
+        if g["loss"] is None:
+            continue
+        interval = "" if g["ci_low"] is None else f" [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
+        more = (f"; about {g['more_units_needed']} more {g['unit']}" if g.get("more_units_needed") else "")
+        out.append(f"    {g['candidate']} {g['gate']}: loss {g['loss']:+.3f}{interval} vs tolerance {g['tolerance']:g} "
+                   f"on {g['units']} {g['unit']} -> {g['verdict']}{more}")
+    return out
 
 
 def log_memory_budget(cfg: PipelineConfig, ctx, calibration: dict, evaluations: list[dict], decisions: list[dict],
