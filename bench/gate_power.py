@@ -31,6 +31,7 @@ import argparse
 import os
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,22 @@ def latency_trials(champ: np.ndarray, cand: np.ndarray, per_round: int, ratio: f
     return np.array(test), np.array(point)
 
 
+def smallest_detected(judge, multiples, tolerance: float) -> tuple[float | None, float | None]:
+    """The smallest multiple of the tolerance failed in >= 80 % of trials, by the test and by the point rule."""
+    from qat_tasks.promotion import evidence
+
+    test = point = None
+    for m in multiples:
+        t, p = judge(m * tolerance)
+        if test is None and (t == evidence.FAIL).mean() >= 0.8:
+            test = m * tolerance
+        if point is None and (~p).mean() >= 0.8:
+            point = m * tolerance
+        if test is not None and point is not None:
+            break
+    return test, point
+
+
 def main() -> int:
     from qat_tasks.core.config import load_config
     from qat_tasks.promotion import evidence
@@ -177,15 +194,7 @@ def main() -> int:
                     c, k = make(c_val, k_val, n, loss, args.trials, rng)
                     return verdicts(c, k, w, tol, scale, level)
 
-                detect_test = detect_point = None
-                for m in GRID:
-                    t, p = judge(m * tol)
-                    if detect_test is None and (t == evidence.FAIL).mean() >= 0.8:
-                        detect_test = m * tol
-                    if detect_point is None and (~p).mean() >= 0.8:
-                        detect_point = m * tol
-                    if detect_test is not None and detect_point is not None:
-                        break
+                detect_test, detect_point = smallest_detected(judge, GRID, tol)
                 t_bad, p_bad = judge(BAD * tol)
                 t_good, p_good = judge(0.0)
                 rows.append((model, gate, profile, f"{n} {unit}", tol, detect_test, detect_point,
@@ -196,16 +205,9 @@ def main() -> int:
             per_round = max(1, cfg.evaluation.latency_samples // cfg.evaluation.latency_rounds)
             max_ratio = getattr(cfg.gates, role).max_p95_ratio
             trials = max(50, args.trials // 4)  # each latency trial bootstraps percentiles: slower
-            detect_test = detect_point = None
-            for m in (1.05, 1.1, 1.2, 1.35, 1.5):
-                t, p = latency_trials(ev_c, ev_k, per_round, m * max_ratio, trials, level, args.resamples,
-                                      max_ratio, rng)
-                if detect_test is None and (t == evidence.FAIL).mean() >= 0.8:
-                    detect_test = m * max_ratio
-                if detect_point is None and (~p).mean() >= 0.8:
-                    detect_point = m * max_ratio
-                if detect_test is not None and detect_point is not None:
-                    break
+            timed = partial(latency_trials, ev_c, ev_k, per_round, trials=trials, level=level,
+                            resamples=args.resamples, max_ratio=max_ratio, rng=rng)
+            detect_test, detect_point = smallest_detected(timed, (1.05, 1.1, 1.2, 1.35, 1.5), max_ratio)
             t_bad, p_bad = latency_trials(ev_c, ev_k, per_round, BAD_LATENCY * max_ratio, trials, level,
                                           args.resamples, max_ratio, rng)
             t_good, p_good = latency_trials(ev_c, ev_k, per_round, GOOD_LATENCY * max_ratio, trials, level,

@@ -42,15 +42,20 @@ def test_quarterly_schedule_params_and_retries(dagbag):
     assert {"llm_4bit_challenger", "int8_challenger", "shadow_and_promote"} <= dag.get_task("report").upstream_task_ids
 
 
-def test_production_config_puts_the_llm_on_the_gpu_queue_and_pool(monkeypatch):
-    """Parse the DAG file under the production profile: its LLM task lands on queue gpu, pool llm_gpu."""
+def _under_production(monkeypatch, dag_file: str):
+    """The DAG a file defines when parsed under the production profile."""
     import importlib.util
 
     monkeypatch.setenv("QAT_CONFIG", str(ROOT / "configs" / "production.yaml"))
-    spec = importlib.util.spec_from_file_location("qr_prod", ROOT / "dags" / "quarterly_recalibration.py")
+    spec = importlib.util.spec_from_file_location(f"prod_{dag_file[:-3]}", ROOT / "dags" / dag_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    dag = module.DAG
+    return module.DAG
+
+
+def test_production_config_puts_the_llm_on_the_gpu_queue_and_pool(monkeypatch):
+    """Parse the DAG file under the production profile: its LLM task lands on queue gpu, pool llm_gpu."""
+    dag = _under_production(monkeypatch, "quarterly_recalibration.py")
     llm = dag.get_task("llm_4bit_challenger")
     assert (llm.queue, llm.pool) == ("gpu", "llm_gpu")
     assert dag.get_task("int8_challenger").queue != "gpu"
@@ -59,17 +64,12 @@ def test_production_config_puts_the_llm_on_the_gpu_queue_and_pool(monkeypatch):
 def test_production_shadow_review_asks_a_person_before_promoting(monkeypatch, dagbag):
     """Under production (shadow.promotion: manual) a passed live review goes to Airflow's approval operator, and
     only its "Approve" reaches the promotion; unanswered it rejects. The embedded default promotes on its own."""
-    import importlib.util
     from datetime import timedelta
 
     from airflow.providers.standard.operators.hitl import ApprovalOperator
 
     assert not any(t.task_id.startswith("approve_") for t in dagbag.dags["shadow_review"].tasks)
-    monkeypatch.setenv("QAT_CONFIG", str(ROOT / "configs" / "production.yaml"))
-    spec = importlib.util.spec_from_file_location("sr_prod", ROOT / "dags" / "shadow_review.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    dag = module.DAG
+    dag = _under_production(monkeypatch, "shadow_review.py")
     ask = dag.get_task("approve_intent_classifier")
     assert isinstance(ask, ApprovalOperator) and ask.defaults == ["Reject"]
     assert ask.response_timeout == timedelta(hours=72)
