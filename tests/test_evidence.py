@@ -141,3 +141,37 @@ def test_the_run_report_prints_each_gate_with_its_interval_and_verdict():
     assert "ptq_dynamic accuracy: loss +0.667 [" in acc and "vs tolerance 1 on 300 reviewed rows" in acc
     assert acc.endswith("more reviewed rows") and "insufficient evidence" in acc
     assert not any(" parity:" in line for line in lines)  # a check, not a statistic
+
+
+def test_a_decision_the_rows_cannot_settle_registers_nothing_and_says_what_is_missing(tmp_path):
+    """decision.judged on a real MLflow run: blocked on insufficient evidence (the default), or passed on the
+    point rule when a run is configured exploratory, and recorded either way."""
+    import mlflow
+
+    from qat_tasks.promotion import decision
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        _judge_and_record(mlflow, decision)
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def _judge_and_record(mlflow, decision):
+    cand, champ = _rows(300, 30, 3, 1)
+    blocked = list(_gates(cand, champ, evidence.Judgement(seed=1)).values())
+    with mlflow.start_run() as run:
+        out = decision.judged("intent-classifier", "ptq_dynamic", blocked, run.info.run_id)
+    assert out["registered_version"] is None and out["decision"] == "finalist ptq_dynamic: insufficient evidence"
+    assert out["insufficient_evidence"]["accuracy"]["unit"] == "reviewed rows"
+    assert out["insufficient_evidence"]["accuracy"]["more_units"] > 0
+    tags = mlflow.get_run(run.info.run_id).data.tags
+    assert tags["decision"].startswith("finalist ptq_dynamic: insufficient evidence")
+    assert "insufficient evidence" in tags["decision.why"] and "more reviewed rows" in tags["decision.why"]
+
+    exploratory = list(_gates(cand, champ, evidence.Judgement(seed=1, on_insufficient="point_rule")).values())
+    with mlflow.start_run() as run:
+        assert decision.judged("intent-classifier", "ptq_dynamic", exploratory, run.info.run_id) is None
+    assert "accuracy" in mlflow.get_run(run.info.run_id).data.tags["decision.point_rule_gates"]
+    assert decision.gate_tags(exploratory)["gates.point_rule"].startswith("accuracy")
