@@ -1,7 +1,7 @@
 """`qat-tasks`: every pipeline stage without Airflow.
 
   qat-tasks validate-config configs/demo.yaml configs/production.yaml
-  qat-tasks generate-traffic --out data/traffic_sample --start 2026-07-01 --end 2026-10-01 --per-day 300
+  qat-tasks generate-traffic --out data/traffic_sample --start 2026-07-01 --end 2026-10-01 --per-day 1000 --corrupt-rate 0.004
   qat-tasks generate-traffic --out .state/live-traffic --start 2026-11-22 --end 2026-11-23 --drift catalogue_launch
   qat-tasks refresh --start 2026-07-01 --end 2026-10-01 --reason "drift in checkout_help"
   qat-tasks import-labels reviews.csv        # review labels from a labelling tool, joined by the next refresh
