@@ -12,8 +12,8 @@ candidates by resampling those real outcomes with a known loss injected:
       answers flipped at random (right -> wrong where both were right, or wrong -> right where only the
       champion was right) until the candidate's expected loss is the injected one
   a per-query gate (NDCG@10): queries resampled; the candidate's per-query differences shifted to the loss
-  the P95 ratio: timing rounds resampled (each round's samples resampled to production's round size); the
-      candidate's times scaled to the injected ratio
+  the P95 ratio: timing rounds resampled (at production's round size, requests drawn from all rounds, each
+      keeping both models' times on it); the candidate's times scaled to the injected ratio
 
 and judges each simulated candidate with the gate's own test (the paired bootstrap interval at
 gates.confidence against the tolerance: pass / fail / insufficient evidence) and with the point rule (the
@@ -109,11 +109,14 @@ def latency_trials(champ: np.ndarray, cand: np.ndarray, per_round: int, ratio: f
     real = np.percentile(cand, 95) / np.percentile(champ, 95)
     test, point = [], []
     j = evidence.Judgement(level, resamples, 0)
+    pooled_c, pooled_k = champ.ravel(), cand.ravel()
     for _ in range(trials):
-        rounds = rng.integers(0, r, r)
-        cols = rng.integers(0, champ.shape[1], (r, per_round))
-        c = champ[rounds[:, None], cols]
-        k = cand[rounds[:, None], cols] * (ratio / real)
+        if per_round == champ.shape[1]:  # the decision's own size: whole rounds resampled
+            rounds = rng.integers(0, r, r)
+            c, k = champ[rounds], cand[rounds] * (ratio / real)
+        else:  # another round size: requests drawn from all rounds, each with both models' times on it
+            idx = rng.integers(0, len(pooled_c), (r, per_round))
+            c, k = pooled_c[idx], pooled_k[idx] * (ratio / real)
         ev = evidence.latency_ratio(list(c), list(k), max_ratio, evidence.Judgement(j.level, j.resamples,
                                                                                     int(rng.integers(1 << 30))))
         test.append(ev.verdict)
