@@ -126,14 +126,25 @@ def test_no_planted_value_reaches_any_file_the_service_or_the_refresh_writes(int
     cal_dir = Path(out["uri"])
     manifest = json.loads((cal_dir / "manifest.json").read_text())
     assert manifest["input"]["invalid"] == 2 * len(VALUES)
-    # The older service's values, scrubbed by the refresh; the service scrubbed its own before logging them
-    assert manifest["input"]["pii_scrubbed"] == dict(Counter(kind for kind, _ in VALUES))
+    # The older service's values, scrubbed by the refresh (all but those of replay conversations, which it never
+    # reads); the service scrubbed its own before logging them
+    from qat_tasks.data.sampling import REPLAY, split_of
+
+    held_out = {i for i in range(len(VALUES)) if split_of(cfg, f"conv-old-{i}") == REPLAY}
+    assert held_out and manifest["input"]["replay_turns_held_out"] >= len(held_out)  # the service's logs too
+    assert manifest["input"]["pii_scrubbed"] == dict(Counter(k for i, (k, _) in enumerate(VALUES) if i not in held_out))
+    # The replay review reads those conversations; what it logs is scrubbed as the service's log is.
+    from qat_tasks.data.traffic_log import read_records
+    from qat_tasks.serving import replay
+
+    older, _ = read_records(str(old_writer), now - timedelta(days=1), now + timedelta(days=1))
+    replay.replay(cfg, "intent-classifier", older, str(tmp_path / "replayed"), progress=False)
     logged = [json.loads(line) for f in reg["log_dir"].rglob("*.jsonl") for line in f.read_text().splitlines()]
     served = [r for r in logged if r["event"] != "shadow_inference"]
     assert len(served) == len(VALUES) and all(r["pii_scrubbed"] for r in served)
     assert sum(Counter(r["pii_scrubbed"]).total() for r in served) >= len(VALUES)
 
-    written = [reg["log_dir"], tmp_path / "calibration", tmp_path / "mlflow"]
+    written = [reg["log_dir"], tmp_path / "calibration", tmp_path / "mlflow", tmp_path / "replayed"]
     found: dict[str, list[str]] = {}
     scanned = 0
     for root in written:

@@ -17,6 +17,7 @@ from qat_tasks.core import registry, tracking
 from qat_tasks.core.config import PipelineConfig
 from qat_tasks.core.schema import SERVED_ROLES
 from qat_tasks.data.labels import read_labels
+from qat_tasks.data.pii import scrub
 from qat_tasks.data.sampling import REPLAY, seed_key, seeded_priority, split_of
 from qat_tasks.data.traffic_log import LogWriter, read_records
 from qat_tasks.promotion import shadow
@@ -44,12 +45,17 @@ def replay(cfg: PipelineConfig, model_name: str, records, out_root: str, champio
     writer = LogWriter(out_root, cfg.traffic.s3_endpoint_url, flush_records=5000, flush_seconds=60, prefix="replay")
     try:
         for rec in iterator:
-            base = {**rec.model_dump(), "runtime": "onnxruntime"}
+            # As the live service does: both models answer, and the log holds, the text scrubbed of personal
+            # data (an older writer's logs may still carry some).
+            found: Counter = Counter()
+            text = scrub(rec.text, found)
+            base = {**rec.model_dump(), "text": text, "runtime": "onnxruntime",
+                    "pii_scrubbed": dict(found + Counter(rec.pii_scrubbed or {})) or None}
             answers = []
             for model in models:
                 t0 = time.perf_counter()
                 try:
-                    ((intent, conf),) = model.predict([rec.text])
+                    ((intent, conf),) = model.predict([text])
                 except Exception as exc:
                     if model is models[0]:
                         raise ServingError(f"champion {models[0].describe()} failed on request {rec.request_id}: "
