@@ -247,6 +247,12 @@ def test_challenger_registered_once_when_gates_pass(dag_run, mlflow_client, tiny
     assert acc["units"] == len(cal_rows(cal, "evaluation")) and table["p95_ratio"]["unit"] == "timing rounds"
     mv = mlflow_client.get_model_version(name, first["registered_version"])
     assert mv.tags["gates.decided_by"] == "95 % interval" and mv.tags["gates.point_rule"] == "none"
+    # The version's MLflow model lists its evaluation figures and gate intervals, against the evaluation data set.
+    from qat_tasks.promotion.decision import model_id_of
+
+    logged = {m.key: m for m in mlflow_client.get_logged_model(model_id_of(mv)).metrics}
+    assert {"accuracy", "p95_ms", "gate.accuracy.ci_low", "gate.accuracy.ci_high"} <= set(logged)
+    assert logged["accuracy"].dataset_name.startswith("intent-classifier-evaluation-")
     again = pipeline.challenger_stage(lenient, run, cal, champion)
     assert again == first
     assert len(mlflow_client.search_model_versions(f"name = '{name}'")) == before + 1

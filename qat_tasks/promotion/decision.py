@@ -83,10 +83,20 @@ def log_against_models(client, registered_name: str, figures: dict[str, dict[str
     import mlflow
 
     for version, metrics in figures.items():
-        model_id = getattr(client.get_model_version(registered_name, version), "model_id", None)
+        model_id = model_id_of(client.get_model_version(registered_name, version))
         if model_id:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and v == v},
                                model_id=model_id, dataset=dataset)
+
+
+def model_id_of(mv) -> str | None:
+    """The MLflow model behind a registry version: its `model_id`, or the id in a `models:/m-...` source (what a
+    SQL-backed registry returns for a version registered from a logged model)."""
+    model_id = getattr(mv, "model_id", None)
+    source = str(mv.source or "")
+    if not model_id and source.startswith("models:/m-"):
+        model_id = source.removeprefix("models:/").split("/")[0]
+    return model_id or None
 
 
 def gate_figures(rows: list[dict]) -> dict[str, float]:
