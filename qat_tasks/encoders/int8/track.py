@@ -363,8 +363,12 @@ def _judge_finalist(cfg, bench, result: dict, name: str, tmp: Path, model_name: 
 
     onnx = Path(mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path=result["onnx_artifact"],
                                                     dst_path=str(tmp / "finalist")))
+    from qat_tasks.encoders.evaluation import evaluate_classifier
+
+    # One ONNX Runtime session per model serves both the evaluation rows and the timing rounds.
     cand_clf, champ_clf = bench._classifier(onnx), bench._classifier(bench.paths["onnx"])
-    rep_k, rep_c = bench.quality(onnx, "evaluation"), bench.quality(bench.paths["onnx"], "evaluation")
+    rep_k, rep_c = (evaluate_classifier(clf, bench.splits, bench.role, cfg, timing=False, split="evaluation")
+                    for clf in (cand_clf, champ_clf))
     ev = cfg.evaluation
     log.info("%s: finalist %s and the champion on %d evaluation rows; timing them interleaved in %d rounds",
              model_name, name, len(bench.splits["evaluation"]), ev.latency_rounds)
