@@ -63,9 +63,9 @@ def quarterly_recalibration():
     @task(multiple_outputs=False)
     def refresh_calibration(run: dict) -> dict:
         """Stream the window's logs into a versioned calibration / QAT-training / evaluation set."""
-        from qat_tasks.pipeline import refresh_stage
+        from qat_tasks.pipeline import run_task
 
-        return refresh_stage(CONFIG, run)
+        return run_task(CONFIG, "refresh_calibration", "", run)
 
     @task
     def tracked_models(run: dict) -> list[str]:
@@ -77,30 +77,30 @@ def quarterly_recalibration():
     @task(multiple_outputs=False, map_index_template="{{ model_name }}")
     def ensure_champion(run: dict, calibration: dict, model_name: str) -> dict:
         """Find @champion, or fine-tune, register and alias an FP32 one."""
-        from qat_tasks.pipeline import champion_stage
+        from qat_tasks.pipeline import run_task
 
-        return champion_stage(CONFIG, run, calibration, model_name)
+        return run_task(CONFIG, "ensure_champion", model_name, run, calibration, model_name)
 
     @task(multiple_outputs=False, map_index_template="{{ champion['model'] }}")
     def evaluate_champion(run: dict, calibration: dict, champion: dict) -> dict:
         """Measure the champion in ONNX Runtime on the reviewed evaluation split."""
-        from qat_tasks.pipeline import evaluate_stage
+        from qat_tasks.pipeline import run_task
 
-        return evaluate_stage(CONFIG, run, calibration, champion)
+        return run_task(CONFIG, "evaluate_champion", champion["model"], run, calibration, champion)
 
     @task(multiple_outputs=False, map_index_template="{{ champion['model'] }}")
     def int8_challenger(run: dict, calibration: dict, champion: dict) -> dict:
         """Build INT8 candidates, measure them beside the champion, gate them, register the best as @challenger."""
-        from qat_tasks.pipeline import challenger_stage
+        from qat_tasks.pipeline import run_task
 
-        return challenger_stage(CONFIG, run, calibration, champion)
+        return run_task(CONFIG, "int8_challenger", champion["model"], run, calibration, champion)
 
     @task(multiple_outputs=False, map_index_template="{{ decision['model'] }}")
     def shadow_and_promote(run: dict, calibration: dict, decision: dict) -> dict:
         """Put the new @challenger in @shadow; replay mode reviews it on logged traffic and promotes on evidence."""
-        from qat_tasks.pipeline import shadow_stage
+        from qat_tasks.pipeline import run_task
 
-        return shadow_stage(CONFIG, run, calibration, decision)
+        return run_task(CONFIG, "shadow_and_promote", decision["model"], run, calibration, decision)
 
     @task
     def llm_models(run: dict) -> list[str]:
@@ -115,22 +115,22 @@ def quarterly_recalibration():
           pool=CONFIG.scheduling.llm_pool, execution_timeout=timedelta(hours=8))
     def llm_4bit_challenger(run: dict, calibration: dict, model_name: str) -> dict:
         """Quantize the LLM with RTN, AWQ and GPTQ, judge each against the unquantized model, register the best."""
-        from qat_tasks.pipeline import llm_stage
+        from qat_tasks.pipeline import run_task
 
-        return llm_stage(CONFIG, run, calibration, model_name)
+        return run_task(CONFIG, "llm_4bit_challenger", model_name, run, calibration, model_name)
 
     # none_failed: a run for a subset of models skips the other track's (empty) mapped tasks, and still reports.
     @task(multiple_outputs=False, trigger_rule="none_failed")
-    def report(run: dict, calibration: dict, evaluations: list[dict], decisions: list[dict],
+    def report(run: dict, calibration: dict, champions: list[dict], evaluations: list[dict], decisions: list[dict],
                llm_decisions: list[dict], shadows: list[dict]) -> dict:
-        """Close the per-model parent runs, write the memory budget and print what happened."""
+        """Close the per-model parent runs, write the memory budget, print what happened and what each task cost."""
         from qat_tasks.pipeline import report_stage
 
         # Index by length: iterating the lazy sequence probes one past the end and logs a spurious error.
         return report_stage(CONFIG, run, calibration, [evaluations[i] for i in range(len(evaluations))],
                             [decisions[i] for i in range(len(decisions))],
                             [llm_decisions[i] for i in range(len(llm_decisions))],
-                            [shadows[i] for i in range(len(shadows))])
+                            [shadows[i] for i in range(len(shadows))], [champions[i] for i in range(len(champions))])
 
     run = plan()
     calibration = refresh_calibration(run)
@@ -140,7 +140,7 @@ def quarterly_recalibration():
     evaluations >> decisions  # the champion's own figures first: a failed evaluation stops the track
     shadows = shadow_and_promote.partial(run=run, calibration=calibration).expand(decision=decisions)
     llm_decisions = llm_4bit_challenger.partial(run=run, calibration=calibration).expand(model_name=llm_models(run))
-    report(run, calibration, evaluations, decisions, llm_decisions, shadows)
+    report(run, calibration, champions, evaluations, decisions, llm_decisions, shadows)
 
 
 DAG = quarterly_recalibration()

@@ -148,11 +148,30 @@ def _fail_parent(cfg: PipelineConfig, run: dict, model_name: str, calibration: d
 
 def report_stage(cfg: PipelineConfig, run: dict, calibration: dict, evaluations: list[dict],
                  decisions: list[dict] | None = None, llm_decisions: list[dict] | None = None,
-                 shadows: list[dict] | None = None) -> dict:
+                 shadows: list[dict] | None = None, champions: list[dict] | None = None) -> dict:
     from qat_tasks.reporting.run_report import report
 
     return report(cfg, _ctx(run), run["models"], calibration, evaluations, decisions or [], llm_decisions or [],
-                  shadows or [])
+                  shadows or [], champions or [])
+
+
+# What a DAG task runs, by name. The heavy ones (models trained, quantized, evaluated) run in a process of their
+# own under `scheduling.isolate_stages`: the worker gets all their memory back when each ends.
+STAGES = {"refresh_calibration": refresh_stage, "ensure_champion": champion_stage,
+          "evaluate_champion": evaluate_stage, "int8_challenger": challenger_stage,
+          "llm_4bit_challenger": llm_stage, "shadow_and_promote": shadow_stage}
+HEAVY_STAGES = frozenset(STAGES) - {"refresh_calibration"}
+
+
+def run_task(cfg: PipelineConfig, task: str, label: str, *args) -> dict:
+    """Run DAG task `task`'s stage on `args`; the result carries the task's `profile` (wall time, peak memory of
+    the process that ran it, and of the worker with it), which the run report tabulates."""
+    from qat_tasks.core import isolation
+
+    isolate = cfg.scheduling.isolate_stages and task in HEAVY_STAGES
+    result, profile = isolation.run(STAGES[task], cfg, *args, task=f"{task}[{label}]" if label else task,
+                                    isolate=isolate)
+    return {**result, "profile": profile}
 
 __all__ = ["ConfigError", "ParamError", "plan_run", "previous_quarter", "refresh_stage", "champion_stage",
-           "evaluate_stage", "challenger_stage", "shadow_stage", "llm_stage", "report_stage"]
+           "evaluate_stage", "challenger_stage", "shadow_stage", "llm_stage", "report_stage", "run_task"]

@@ -4,8 +4,9 @@
 #   scripts/demo.sh                       # Q3 2026 window of the bundled sample
 #   REASON="..." scripts/demo.sh          # with your own reason
 #   MODELS="fallback-llm" scripts/demo.sh # only these models (comma-separated names from the config)
+#   PROFILE=full scripts/demo.sh          # configs/full.yaml: the larger sizes (about an hour on 2 cores)
 . "$(dirname "$0")/_env.sh"
-export QAT_CONFIG="${QAT_CONFIG:-$ROOT/configs/demo.yaml}"
+export QAT_CONFIG="${QAT_CONFIG:-$ROOT/configs/${PROFILE:-demo}.yaml}"
 export PYTHONUNBUFFERED=1   # watch the run live through the console filter
 export AIRFLOW_HOME="${AIRFLOW_HOME:-$ROOT/.state/airflow}"
 mkdir -p "$AIRFLOW_HOME"
@@ -31,19 +32,25 @@ airflow dags test quarterly_recalibration "$LOGICAL_DATE" --conf "$CONF" 2>&1 | 
   | awk '/\[qat_tasks|\[error|ERROR|Traceback/ {p=1} /^20[0-9][0-9]-/ && !/\[qat_tasks|\[error|ERROR/ {p=0}
          p { sub(/^20[0-9-]+T/, ""); sub(/\.[0-9]+Z \[/, " ["); sub(/ \[qat_tasks[^]]*\] loc=.*$/, ""); print; fflush() }' || true
 python - "$LAST_ID" <<'PY'
-import sys
+import os, sys
 from airflow.models.dagrun import DagRun
 from airflow.utils.session import create_session
 from sqlalchemy import select
+from qat_tasks.core.config import load_config
+from qat_tasks.reporting import task_profile
 with create_session() as s:
     dr = s.scalars(select(DagRun).where(DagRun.dag_id == "quarterly_recalibration", DagRun.id > int(sys.argv[1]))
                    .order_by(DagRun.id.desc())).first()
     if dr is None:
         sys.exit("==> no DAG run was created: see .state/demo-run.log (DAG import error? bad --conf?)")
-    print(f"==> DAG run {dr.run_id}: {dr.state}")
-    for ti in sorted(dr.get_task_instances(session=s), key=lambda t: (t.start_date is None, t.start_date)):
-        print(f"    {ti.task_id:<22} {ti.map_index if ti.map_index >= 0 else '':<3} {ti.state}")
-    sys.exit(0 if dr.state == "success" else 1)
+run = task_profile.airflow_run("quarterly_recalibration", dr.run_id)
+wall = f"{run['wall_s'] / 60:.1f} min" if run["wall_s"] is not None else "no end time"
+print(f"==> DAG run {run['run_id']}: {run['state']} in {wall}")
+for line, t in zip(task_profile.rows_text(run["tasks"]), [None, *run["tasks"]]):
+    print(f"    {line}" + ("" if t is None else f"  {t['state'].split('.')[-1]}"))
+problems = task_profile.over_budget(run, load_config(os.environ["QAT_CONFIG"]).budget)
+print("==> budget: " + ("kept" if not problems else "; ".join(problems)))
+sys.exit(0 if run["state"].endswith("success") else 1)
 PY
 echo "==> look at it:  .venv/bin/mlflow ui --backend-store-uri sqlite:///$ROOT/.state/mlflow/mlflow.db --port 5000"
 echo "    full log: .state/demo-run.log"

@@ -42,15 +42,18 @@ def test_temperature_scaling_repairs_an_overconfident_model():
 
 def test_candidate_rule_follows_tolerance_and_labels_and_config_overrides_it():
     from qat_tasks.core.config_sections import QuantizationConfig
-    from qat_tasks.encoders.int8.track import PTQ_BASELINES, choose_candidates
+    from qat_tasks.encoders.int8.track import BASELINE, PTQ_BASELINES, choose_candidates
 
     auto = QuantizationConfig()
     qat, why = choose_candidates(auto, 0.3, reviewed_fraction=0.35)
-    assert qat[-2:] == ("qat_static", "qat_dynamic") and "QAT" in why
+    assert qat == (BASELINE, "qat_static", "qat_dynamic") and "QAT" in why
     distill, why = choose_candidates(auto, 0.3, reviewed_fraction=0.05)
-    assert distill[-2:] == ("qat_distill_static", "qat_distill_dynamic") and "distillation" in why
-    assert choose_candidates(auto, 1.5, reviewed_fraction=1.0)[0] == PTQ_BASELINES
-    assert set(PTQ_BASELINES) <= set(qat)  # baselines are always measured for comparison
+    assert distill == (BASELINE, "qat_distill_static", "qat_distill_dynamic") and "distillation" in why
+    assert choose_candidates(auto, 1.5, reviewed_fraction=1.0)[0] == (BASELINE, "ptq_static_percentile")
+    everything = QuantizationConfig(candidate_set="all")
+    full, why = choose_candidates(everything, 0.3, reviewed_fraction=0.35)
+    assert full[:4] == PTQ_BASELINES and full[4:] == ("qat_static", "qat_dynamic") and "every PTQ" in why
+    assert choose_candidates(everything, 1.5, 1.0)[0] == PTQ_BASELINES  # percentile once, not twice
     fixed = QuantizationConfig(candidates=("ptq_dynamic",))
     assert choose_candidates(fixed, 0.3, 1.0) == (("ptq_dynamic",), "configured")
 

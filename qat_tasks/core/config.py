@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError, field_validator, model_validator
 
 from qat_tasks.core.config_operations import (
+    BudgetConfig,
     DriftConfig,
     EvaluationConfig,
     GatesConfig,
@@ -53,6 +54,7 @@ class PipelineConfig(Strict):
     scheduling: SchedulingConfig = SchedulingConfig()
     retries: RetriesConfig = RetriesConfig()
     memory_budget: MemoryBudgetConfig = MemoryBudgetConfig()
+    budget: BudgetConfig = BudgetConfig()
     serving: ServingConfig = ServingConfig()
     shadow: ShadowConfig = ShadowConfig()
     drift: DriftConfig = DriftConfig()

@@ -12,7 +12,9 @@ from qat_tasks.core.config_sections import Fraction, Strict
 
 
 class EvaluationConfig(Strict):
-    threads: int = Field(default=1, ge=1)
+    threads: int = Field(default=1, ge=1)  # the serving session's threads: latency is measured as it serves
+    # Threads of the session that scores whole splits (quality only; the same graph, so the same logits): 0 = all.
+    bulk_threads: int = Field(default=0, ge=0)
     latency_samples: int = Field(default=200, ge=10)
     # The latency gate times champion and candidate interleaved in this many rounds (latency_samples in all,
     # per model), in one process, and resamples whole rounds for the P95 ratio's interval.
@@ -85,6 +87,9 @@ class SchedulingConfig(Strict):
     task_retries: int = Field(default=2, ge=0, le=10)
     retry_delay_s: float = Field(default=60.0, ge=0)
     max_retry_delay_s: float = Field(default=900.0, ge=0)
+    # Each heavy stage (champion, evaluation, INT8 and 4-bit tracks, shadow) in a spawned process of its own, so
+    # the worker gets its memory back when it ends. On by default; a test may turn it off to share one process.
+    isolate_stages: bool = True
 
     def task_defaults(self) -> dict:
         """The DAGs' default_args: every task retried with exponential backoff."""
@@ -92,6 +97,15 @@ class SchedulingConfig(Strict):
 
         return {"owner": "mlops", "retries": self.task_retries, "retry_delay": timedelta(seconds=self.retry_delay_s),
                 "retry_exponential_backoff": True, "max_retry_delay": timedelta(seconds=self.max_retry_delay_s)}
+
+
+class BudgetConfig(Strict):
+    """What the main job may cost on the machine it runs on: `scripts/check_budget.py` fails a run that went over.
+    A first run bootstraps the FP32 champions; a rerun finds them registered and has the tighter budget."""
+
+    wall_minutes: float = Field(default=15.0, gt=0)
+    rerun_wall_minutes: float = Field(default=10.0, gt=0)
+    peak_memory_gb: float = Field(default=4.0, gt=0)  # the worker and the stage process it runs, together
 
 
 class GpuInstance(Strict):

@@ -129,6 +129,9 @@ class QuantizationConfig(Strict):
 
     # None: chosen by the candidate-selection rule (qat_tasks.encoders.int8.track.choose_candidates); a list overrides it.
     candidates: tuple[Candidate, ...] | None = None
+    # What the rule builds: "rule" = the baseline every method must beat (ptq_dynamic) plus what the rule picks;
+    # "all" = every PTQ calibration too (ptq_static_minmax / percentile / entropy), for a full comparison.
+    candidate_set: Literal["rule", "all"] = "rule"
     # Share of human-reviewed labels in the training split for the rule to count it as labelled.
     min_reviewed_fraction: Fraction = 0.3
     percentile: float = Field(default=99.999, gt=90, le=100)

@@ -234,3 +234,23 @@ def gate_intervals(rows: list[dict], title: str):
     ax.legend(loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def task_times(rows: list[dict], title: str):
+    """Wall minutes per task (bars, longest first) beside each task's peak resident memory (GB)."""
+    ordered = sorted(rows, key=lambda r: r["wall_s"])
+    names = [r["task"] for r in ordered]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 0.32 * max(4, len(names)) + 1.4), sharey=True,
+                                  gridspec_kw={"width_ratios": [3, 2]})
+    y = np.arange(len(names))
+    ax.barh(y, [r["wall_s"] / 60 for r in ordered], color="#4c72b0")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlabel("wall time (minutes)")
+    ax2.barh(y, [(r.get("peak_rss_mb") or 0) / 1024 for r in ordered], color="#dd8452", label="its process")
+    ax2.scatter([(r.get("tree_peak_rss_mb") or 0) / 1024 for r in ordered], y, color="black", s=12, zorder=3,
+                label="with the worker")
+    ax2.set_xlabel("peak resident memory (GB)")
+    ax2.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -132,7 +132,8 @@ def evaluate_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str
         paths = registry.download(name, version, Path(tmp))
         meta = json.loads(paths["meta"].read_text())
         classifier = OnnxClassifier(paths["onnx"], AutoTokenizer.from_pretrained(paths["hf"]), meta["labels"],
-                                    meta["max_length"], threads=cfg.evaluation.threads)
+                                    meta["max_length"], threads=cfg.evaluation.threads,
+                                    bulk_threads=cfg.evaluation.bulk_threads)
         mlflow.log_params({"model.registered_name": name, "model.version": version, "runtime": "onnxruntime",
                            "threads": cfg.evaluation.threads, "eval_rows": len(rows),
                            "calibration_version": manifest["version"], "data.digest": splits.summary["digest"]})

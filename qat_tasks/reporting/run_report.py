@@ -14,8 +14,12 @@ log = logging.getLogger(__name__)
 
 
 def report(cfg: PipelineConfig, ctx: tracking.RunContext, models: list[str], calibration: dict,
-           evaluations: list[dict], decisions: list[dict], llm_decisions: list[dict], shadows: list[dict]) -> dict:
-    """Close the per-model parent runs, log the memory budget and one line per outcome; returns the summary."""
+           evaluations: list[dict], decisions: list[dict], llm_decisions: list[dict], shadows: list[dict],
+           champions: list[dict] | None = None) -> dict:
+    """Close the per-model parent runs, log the memory budget, one line per outcome and the table of what each task
+    cost; returns the summary."""
+    from qat_tasks.reporting import task_profile
+
     tracking.configure(cfg)
     for name in [ev["model"] for ev in evaluations] + [d["model"] for d in llm_decisions]:
         tracking.finish_parent(tracking.model_parent_run(cfg, name, ctx, calibration["version"]))
@@ -51,10 +55,12 @@ def report(cfg: PipelineConfig, ctx: tracking.RunContext, models: list[str], cal
     lines.append(f"  MLflow: {cfg.tracking_uri}")
     for line in lines:  # one record per line: log viewers and the demo console keep them whole
         log.info(line)
+    rows = task_profile.profiles_of(calibration, champions or [], evaluations, decisions, shadows, llm_decisions)
+    profile = task_profile.log_run_profile(cfg, ctx, calibration, rows) if rows else None
     return {"calibration_version": calibration["version"], "evaluated": sorted(evaluated), "skipped": skipped,
             "challengers": {d["model"]: d.get("registered_version") for d in [*decisions, *llm_decisions]},
             "shadows": {sh["model"]: sh.get("action") or sh["outcome"] for sh in shadows},
-            "memory_budget": budget}
+            "memory_budget": budget, "task_profile": profile}
 
 
 def gate_lines(decision: dict) -> list[str]:

@@ -85,7 +85,8 @@ class Workbench:
     def _classifier(self, onnx_path: Path):
         from qat_tasks.encoders.modeling import OnnxClassifier
 
-        return OnnxClassifier(onnx_path, self.tokenizer, self.labels, self.max_length, threads=self.cfg.evaluation.threads)
+        return OnnxClassifier(onnx_path, self.tokenizer, self.labels, self.max_length, threads=self.cfg.evaluation.threads,
+                              bulk_threads=self.cfg.evaluation.bulk_threads)
 
     def quality(self, onnx_path: Path, split: str = "selection") -> dict:
         """Quality metrics only (no latency): what per-layer sensitivity (on the selection split) and the
@@ -127,21 +128,26 @@ def qat_variant(candidate: str) -> str:
 
 
 PTQ_BASELINES = ("ptq_dynamic", "ptq_static_minmax", "ptq_static_percentile", "ptq_static_entropy")
+BASELINE = "ptq_dynamic"  # every method must beat it: no calibration, no training, the speed frontier on CPU
 
 
 def choose_candidates(qc, tolerance_pts: float, reviewed_fraction: float) -> tuple[tuple[str, ...], str]:
     """The candidate-selection rule: tolerance under one point with labels -> QAT; without labels -> QAT by distillation
-    from the FP32 teacher; looser tolerance -> PTQ. PTQ baselines are always measured for comparison.
+    from the FP32 teacher; looser tolerance -> static PTQ with percentile-clipped ranges. The baseline (dynamic
+    PTQ) is always built beside what the rule picks; `candidate_set: all` adds every PTQ calibration.
     An explicit `quantization.candidates` list overrides the rule."""
     if qc.candidates is not None:
         return tuple(qc.candidates), "configured"
     if tolerance_pts >= 1.0:
-        return PTQ_BASELINES, f"tolerance {tolerance_pts:g} pts >= 1: PTQ"
-    if reviewed_fraction >= qc.min_reviewed_fraction:
-        return (*PTQ_BASELINES, "qat_static", "qat_dynamic"), (
+        picked, why = ("ptq_static_percentile",), f"tolerance {tolerance_pts:g} pts >= 1: PTQ"
+    elif reviewed_fraction >= qc.min_reviewed_fraction:
+        picked, why = ("qat_static", "qat_dynamic"), (
             f"tolerance {tolerance_pts:g} pts < 1 and {reviewed_fraction:.0%} reviewed labels: QAT")
-    return (*PTQ_BASELINES, "qat_distill_static", "qat_distill_dynamic"), (
-        f"tolerance {tolerance_pts:g} pts < 1 and only {reviewed_fraction:.0%} reviewed labels: distillation")
+    else:
+        picked, why = ("qat_distill_static", "qat_distill_dynamic"), (
+            f"tolerance {tolerance_pts:g} pts < 1 and only {reviewed_fraction:.0%} reviewed labels: distillation")
+    base = PTQ_BASELINES if qc.candidate_set == "all" else (BASELINE,)
+    return tuple(dict.fromkeys((*base, *picked))), f"{why}; with {'every PTQ calibration' if qc.candidate_set == 'all' else 'the dynamic PTQ baseline'}"
 
 
 def _scalars(report: dict) -> dict:
