@@ -16,11 +16,12 @@ import logging
 import multiprocessing
 import resource
 import sys
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
+
+from qat_tasks.core.resources import RssSampler
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +30,15 @@ class StageProcessDied(RuntimeError):
     """The stage's process ended without a result (killed for memory, a segfault in a native library)."""
 
 
-class _TreeSampler:
-    """Peak RSS of this process plus its children, sampled on a thread while a stage runs."""
+class _TreeSampler(RssSampler):
+    """RssSampler over this process and its children (the stage's process): `peak_mb` is the tree's peak,
+    `self_peak_mb` this process's own."""
 
     def __init__(self, interval_s: float = 0.25):
-        import psutil
+        super().__init__(interval_s)
+        self.self_peak_mb = 0.0
 
-        self._proc, self._interval = psutil.Process(), interval_s
-        self._stop = threading.Event()
-        self.peak_mb = self.self_peak_mb = 0.0
-        self._thread = threading.Thread(target=self._run, name="stage-rss", daemon=True)
-
-    def _sample(self) -> None:
+    def _rss_mb(self) -> float:
         import psutil
 
         own = self._proc.memory_info().rss
@@ -50,22 +48,8 @@ class _TreeSampler:
                 total += child.memory_info().rss
             except psutil.Error:  # exited between listing and reading
                 pass
-        self.peak_mb = max(self.peak_mb, total / 2**20)
         self.self_peak_mb = max(self.self_peak_mb, own / 2**20)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._sample()
-
-    def __enter__(self) -> _TreeSampler:
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
+        return total / 2**20
 
 
 class _ConsoleFormatter(logging.Formatter):
