@@ -112,7 +112,8 @@ def test_mlflow_holds_runs_datasets_metrics_and_plots(dag_run, mlflow_client):
 
 def test_xcom_carries_ids_and_uris_not_data(dag_run):
     (cal,) = _xcom(dag_run, "refresh_calibration")
-    assert set(cal) == {"version", "uri", "run_id", "rows", "warnings"}
+    assert set(cal) == {"version", "uri", "run_id", "rows", "warnings", "profile"}
+    assert set(cal["profile"]) == {"task", "wall_s", "isolated", "peak_rss_mb", "tree_peak_rss_mb"}
     assert Path(cal["uri"]).is_dir()
     for task_id in ("ensure_champion", "evaluate_champion"):
         for value in _xcom(dag_run, task_id):
