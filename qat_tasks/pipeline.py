@@ -169,6 +169,8 @@ def run_task(cfg: PipelineConfig, task: str, label: str, *args) -> dict:
     from qat_tasks.core import isolation
 
     isolate = cfg.scheduling.isolate_stages and task in HEAVY_STAGES
+    if cfg.scheduling.isolate_stages and not isolate:
+        isolation.warm_up()  # the heavy stages after this one start from a warm fork server
     result, profile = isolation.run(STAGES[task], cfg, *args, task=f"{task}[{label}]" if label else task,
                                     isolate=isolate)
     return {**result, "profile": profile}

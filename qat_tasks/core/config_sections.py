@@ -117,6 +117,7 @@ class TrainingConfig(Strict):
     warmup_fraction: Fraction = 0.1
     weight_decay: float = Field(default=0.01, ge=0)
     class_weighted_loss: bool = True
+    group_by_length: bool = True  # batches of rows of similar length: less padding, faster steps
     seed: int = 13
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qat_tasks.core import plots, resources, tracking
+from qat_tasks.core import isolation, plots, resources, tracking
 from qat_tasks.core.config import PipelineConfig
 from qat_tasks.core.config_sections import LlmCandidate, LlmTrackConfig
 from qat_tasks.core.schema import INTENTS
@@ -215,13 +215,9 @@ def _log_eval(res: dict, prefix: str = "") -> None:
 
 def build_llm_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
                          ctx: tracking.RunContext, progress: bool = True) -> dict:
-    import mlflow
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from qat_tasks.llm import checkpoint
     from qat_tasks.llm import model as llm_model
-    from qat_tasks.llm import quantize as llm_quantize
-    from qat_tasks.llm import sensitivity as llm_sensitivity
 
     client = tracking.configure(cfg)
     mcfg = cfg.model(model_name)
@@ -238,42 +234,22 @@ def build_llm_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: 
     parent = tracking.model_parent_run(cfg, model_name, ctx, version)
     tags = {**ctx.tags(), "calibration.version": version, "model.source": mcfg.source}
 
-    base_dir = llm_model.resolve_llm(cfg, mcfg.source)
+    isolate = cfg.scheduling.isolate_stages
+    # The first run dequantises the source checkpoint once into the state folder: in a process of its own too.
+    base_dir, _ = isolation.run(llm_model.resolve_llm, cfg, mcfg.source, task=f"{model_name}: source", isolate=isolate)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     data = load_data(cfg, tc, calibration_uri, tokenizer)
     log.info("%s: %s", model_name, data.describe())
     work_root = cfg.state_path / "llm" / model_name / version
 
-    # 1. The unquantized model: the reference every gate is relative to.
+    # 1. The unquantized model: the reference every gate is relative to. It, each candidate and the judging of the
+    # finalist run in processes of their own: what PyTorch and llm-compressor keep after a step (1 to 2 GB a
+    # candidate on this model) goes back to the system when it ends.
     key = f"{base_key}:unquantized"
     base = tracking.cached_result(exp_id, key)
     if base is None:
-        with tracking.stage_run(exp_id, key, "unquantized", {**tags, "stage": "llm-unquantized"}, parent):
-            import torch
-
-            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-            res = evaluate(model, tokenizer, data, tc)
-            res["metrics"]["size_mb"] = resources.dir_size_bytes(base_dir) / 1e6
-            res["metrics"]["params_m"] = llm_model.param_count(base_dir) / 1e6
-            mlflow.log_params({"source": mcfg.source, "local_dir": str(base_dir), **data.describe()})
-            _log_eval(res)
-            base = {"metrics": res["metrics"], "generations": res["generations"]}
-            if tc.sensitivity:
-                report = llm_sensitivity.block_sensitivity(model, data.sensitivity_windows, perplexity.perplexity,
-                                                           tc.bits, tc.group_size, tc.rtn_symmetric, progress=progress)
-                mlflow.log_dict(report, "sensitivity.json")
-                kept = sorted({c for cand in tc.candidates for b in cand.keep_blocks
-                               for c in [f"block {b if b >= 0 else model.config.num_hidden_layers + b}"]})
-                fig = llm_sensitivity.chart(report, f"{model_name}: perplexity when one block alone is "
-                                                    f"{tc.bits}-bit (RTN, g{tc.group_size})", kept)
-                mlflow.log_figure(fig, "plots/sensitivity.png")
-                import matplotlib.pyplot as plt
-
-                plt.close(fig)
-                base["sensitivity_top"] = report["most_sensitive"][:5]
-                log.info("%s: most sensitive to %d-bit weights: %s", model_name, tc.bits, report["most_sensitive"][:5])
-            del model
-            tracking.set_result(base)
+        base, _ = isolation.run(_measure_unquantized, cfg, model_name, base_dir, data, exp_id, key, tags, parent,
+                                progress, task=f"{model_name}: unquantized", isolate=isolate)
     num_layers = json.loads((base_dir / "config.json").read_text())["num_hidden_layers"]
 
     # 2. Candidates, each its own stage run; a finished one is never redone.
@@ -285,44 +261,98 @@ def build_llm_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: 
             log.info("candidate %s already measured in run %s", cand.key, done["run_id"])
             results[cand.key] = done
             continue
-        spec = quant_spec(tc, cand, num_layers)
-        texts = {"domain": data.domain_calibration, "generic": data.generic_calibration, "none": []}[cand.calibration]
-        with tracking.stage_run(exp_id, key, f"w{tc.bits} {cand.key}",
-                                {**tags, "stage": "llm-candidate", "candidate": cand.key}, parent) as run:
-            mlflow.log_params({"candidate": cand.key, "method": cand.method, "calibration": cand.calibration,
-                               "keep_blocks": list(cand.keep_blocks), "calibration_texts": len(texts),
-                               **{f"spec.{k}": v for k, v in spec.__dict__.items()}})
-            log.info("quantizing %s with %s (%s calibration, %d texts)", model_name, cand.method, cand.calibration,
-                     len(texts))
-            with resources.RssSampler() as rss:
-                qres = llm_quantize.quantize(base_dir, spec, texts, work_root / cand.key / "checkpoint",
-                                             work_dir=work_root / cand.key / "chunks", progress=progress)
-            model, qtok = checkpoint.load_quantized(qres.output_dir)
-            res = evaluate(model, qtok, data, tc)
-            del model
-            res["metrics"].update({"size_mb": qres.size_bytes / 1e6, "quant_wall_s": qres.wall_s,
-                                   # sampled while this candidate quantized; ru_maxrss would be the whole
-                                   # process's lifetime peak, monotonic across candidates
-                                   "peak_rss_mb": rss.peak_mb, "rss_growth_mb": rss.delta_mb,
-                                   "chunks_resumed": qres.chunks_resumed})
-            _log_eval(res)
-            mlflow.log_dict({"group_sizes": qres.group_sizes, "kept": qres.kept}, "layout.json")
-            mlflow.set_tag("checkpoint.path", str(qres.output_dir))
-            # The state folder may be lost (another worker, a cleaned disk): the decision can read it from here.
-            mlflow.log_artifacts(str(qres.output_dir), CHECKPOINT_ARTIFACT)
-            results[cand.key] = {"run_id": run.info.run_id, "metrics": res["metrics"],
-                                 "generations": res["generations"], "checkpoint": str(qres.output_dir),
-                                 "checkpoint_artifact": CHECKPOINT_ARTIFACT}
-            tracking.set_result(results[cand.key])
-            log.info("%s %s: %s", model_name, cand.key, headline(res["metrics"]))
+        results[cand.key], _ = isolation.run(_measure_candidate, cfg, model_name, cand, base_dir, data, num_layers,
+                                             work_root, exp_id, key, tags, parent, progress,
+                                             task=f"{model_name}: {cand.key}", isolate=isolate)
 
     # 3. Decision.
     with tracking.stage_run(exp_id, decision_key, f"w{tc.bits}-decision", {**tags, "stage": "llm-decision"},
                             parent) as run:
         verdict = _decide(cfg, model_name, tc, base, results, client, run.info.run_id, decision_key, ctx, version,
-                          lambda result, tmp: _judge_finalist(cfg, tc, base_dir, data, result, tmp))
+                          lambda result, tmp: isolation.run(_judge_finalist, cfg, tc, base_dir, data, result, tmp,
+                                                            task=f"{model_name}: judging", isolate=isolate)[0])
         tracking.set_result(verdict)
     return verdict
+
+
+def _measure_unquantized(cfg: PipelineConfig, model_name: str, base_dir: Path, data: LlmData, exp_id: str, key: str,
+                         tags: dict, parent: str, progress: bool) -> dict:
+    """The unquantized model on the selection texts, and its per-block sensitivity: its own stage run."""
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qat_tasks.llm import model as llm_model
+    from qat_tasks.llm import sensitivity as llm_sensitivity
+
+    tracking.configure(cfg)
+    mcfg = cfg.model(model_name)
+    tc = mcfg.llm_track
+    with tracking.stage_run(exp_id, key, "unquantized", {**tags, "stage": "llm-unquantized"}, parent):
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        res = evaluate(model, AutoTokenizer.from_pretrained(base_dir), data, tc)
+        res["metrics"]["size_mb"] = resources.dir_size_bytes(base_dir) / 1e6
+        res["metrics"]["params_m"] = llm_model.param_count(base_dir) / 1e6
+        mlflow.log_params({"source": mcfg.source, "local_dir": str(base_dir), **data.describe()})
+        _log_eval(res)
+        base = {"metrics": res["metrics"], "generations": res["generations"]}
+        if tc.sensitivity:
+            report = llm_sensitivity.block_sensitivity(model, data.sensitivity_windows, perplexity.perplexity,
+                                                       tc.bits, tc.group_size, tc.rtn_symmetric, progress=progress)
+            mlflow.log_dict(report, "sensitivity.json")
+            kept = sorted({c for cand in tc.candidates for b in cand.keep_blocks
+                           for c in [f"block {b if b >= 0 else model.config.num_hidden_layers + b}"]})
+            fig = llm_sensitivity.chart(report, f"{model_name}: perplexity when one block alone is "
+                                                f"{tc.bits}-bit (RTN, g{tc.group_size})", kept)
+            mlflow.log_figure(fig, "plots/sensitivity.png")
+            plots.close(fig)
+            base["sensitivity_top"] = report["most_sensitive"][:5]
+            log.info("%s: most sensitive to %d-bit weights: %s", model_name, tc.bits, report["most_sensitive"][:5])
+        tracking.set_result(base)
+    return base
+
+
+def _measure_candidate(cfg: PipelineConfig, model_name: str, cand: LlmCandidate, base_dir: Path, data: LlmData,
+                       num_layers: int, work_root: Path, exp_id: str, key: str, tags: dict, parent: str,
+                       progress: bool) -> dict:
+    """Quantize one candidate (resumable chunk by chunk) and measure it on the selection texts: its own stage run,
+    with its quantization time and the peak memory of the process that made and measured it."""
+    import mlflow
+
+    from qat_tasks.llm import checkpoint
+    from qat_tasks.llm import quantize as llm_quantize
+
+    tracking.configure(cfg)
+    tc = cfg.model(model_name).llm_track
+    spec = quant_spec(tc, cand, num_layers)
+    texts = {"domain": data.domain_calibration, "generic": data.generic_calibration, "none": []}[cand.calibration]
+    with tracking.stage_run(exp_id, key, f"w{tc.bits} {cand.key}",
+                            {**tags, "stage": "llm-candidate", "candidate": cand.key}, parent) as run:
+        mlflow.log_params({"candidate": cand.key, "method": cand.method, "calibration": cand.calibration,
+                           "keep_blocks": list(cand.keep_blocks), "calibration_texts": len(texts),
+                           **{f"spec.{k}": v for k, v in spec.__dict__.items()}})
+        log.info("quantizing %s with %s (%s calibration, %d texts)", model_name, cand.method, cand.calibration,
+                 len(texts))
+        with resources.RssSampler() as rss:
+            qres = llm_quantize.quantize(base_dir, spec, texts, work_root / cand.key / "checkpoint",
+                                         work_dir=work_root / cand.key / "chunks", progress=progress)
+            model, qtok = checkpoint.load_quantized(qres.output_dir)
+            res = evaluate(model, qtok, data, tc)
+            del model
+        res["metrics"].update({"size_mb": qres.size_bytes / 1e6, "quant_wall_s": qres.wall_s,
+                               # sampled while this candidate was made and measured, in a process of its own
+                               "peak_rss_mb": rss.peak_mb, "rss_growth_mb": rss.delta_mb,
+                               "chunks_resumed": qres.chunks_resumed})
+        _log_eval(res)
+        mlflow.log_dict({"group_sizes": qres.group_sizes, "kept": qres.kept}, "layout.json")
+        mlflow.set_tag("checkpoint.path", str(qres.output_dir))
+        # The state folder may be lost (another worker, a cleaned disk): the decision can read it from here.
+        mlflow.log_artifacts(str(qres.output_dir), CHECKPOINT_ARTIFACT)
+        result = {"run_id": run.info.run_id, "metrics": res["metrics"], "generations": res["generations"],
+                  "checkpoint": str(qres.output_dir), "checkpoint_artifact": CHECKPOINT_ARTIFACT}
+        tracking.set_result(result)
+        log.info("%s %s: %s; peak memory %.0f MB", model_name, cand.key, headline(res["metrics"]), rss.peak_mb)
+    return result
 
 
 def _decide(cfg, model_name, tc, base, results, client, run_id, stage_key, ctx, version, judge) -> dict:

@@ -113,7 +113,12 @@ def airflow_run(dag_id: str, run_id: str | None = None) -> dict:
             tasks.append({"task": label, "state": str(ti.state), "wall_s": round(ti.duration or 0.0, 2),
                           "peak_rss_mb": prof.get("peak_rss_mb"), "tree_peak_rss_mb": prof.get("tree_peak_rss_mb"),
                           "isolated": prof.get("isolated")})
-        started, ended = dr.start_date, dr.end_date
+        # From the first task's start to the last task's end: `airflow dags test` leaves the run's own start date at
+        # its logical date.
+        tis = dr.get_task_instances(session=s)
+        starts = [ti.start_date for ti in tis if ti.start_date] or [dr.start_date]
+        ends = [ti.end_date for ti in tis if ti.end_date]
+        started, ended = min(starts, default=None), (max(ends) if ends and dr.end_date else None)
         return {"dag_id": dag_id, "run_id": dr.run_id, "state": str(dr.state),
                 "wall_s": (ended - started).total_seconds() if started and ended else None,
                 "bootstrapped": profiles.get("bootstrapped", []), "tasks": tasks}

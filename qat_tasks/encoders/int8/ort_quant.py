@@ -44,24 +44,33 @@ def quantize_dynamic(src: Path, dst: Path, exclude_nodes: list[str] | None = Non
 
 
 class _Reader:
-    """CalibrationDataReader over tokenized batches (implements the protocol ORT calls)."""
+    """CalibrationDataReader over tokenized batches (implements the protocol ORT calls), with the range protocol
+    of ORT's strided calibration: the calibrator collects, and folds into its histograms, one batch at a time."""
 
     def __init__(self, batches: list[dict[str, np.ndarray]]):
+        self._batches = batches
         self._it: Iterator = iter(batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(self._batches[start_index:end_index])
 
     def get_next(self):
         return next(self._it, None)
 
 
 def calibration_batches(tokenizer, texts: list, max_length: int, batch_size: int = 16) -> list[dict]:
-    """Tokenized batches (texts or cross-encoder pairs) for calibration, padded to `max_length`: the histogram
-    calibrators (percentile, entropy) stack outputs across batches, so shapes must agree."""
+    """Tokenized batches (texts or cross-encoder pairs) for calibration, each padded to its longest row only:
+    padding positions would add activations no request produces to the calibrated ranges. Texts are grouped by
+    length, so a batch holds little padding."""
     from qat_tasks.encoders.modeling import tokenize
 
-    texts = texts[: len(texts) - len(texts) % batch_size] or texts
+    texts = sorted(texts, key=lambda t: len(t) if isinstance(t, str) else sum(map(len, t)))
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenize(tokenizer, texts[i:i + batch_size], max_length, "np", padding="max_length")
+        enc = tokenize(tokenizer, texts[i:i + batch_size], max_length, "np")
         out.append({k: v.astype(np.int64) for k, v in enc.items()})
     return out
 
@@ -79,7 +88,11 @@ def quantize_static(src: Path, dst: Path, batches: list[dict], method: str = "mi
         raise ValueError(f"calibration method {method!r}: expected one of {CALIBRATION_METHODS}")
     calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
              "entropy": CalibrationMethod.Entropy}[method]
-    extra = {"CalibTensorRangeSymmetric": False, "ActivationSymmetric": False, "WeightSymmetric": True}
+    # Strided by one batch: the calibrator folds each batch's outputs into its ranges or histograms and lets them
+    # go. Unstrided, the histogram calibrators hold every intermediate tensor of every batch at once (16 GB for
+    # 1,000 rows of MiniLM-L6) and need every batch to have the same shape.
+    extra = {"CalibTensorRangeSymmetric": False, "ActivationSymmetric": False, "WeightSymmetric": True,
+             "CalibStridedMinMax": 1}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
     if activation_ranges:

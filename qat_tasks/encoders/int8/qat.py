@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from qat_tasks.core.config_sections import QuantizationConfig, TrainingConfig
 from qat_tasks.encoders.modeling import inputs_of, tokenize
-from qat_tasks.encoders.training import class_weights, optimizer_step
+from qat_tasks.encoders.training import class_weights, epoch_batches, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +138,11 @@ def train(model: nn.Module, tokenizer, texts: list[str], labels: list[int], n_la
     model.train()
     step, losses = 0, []
     for _epoch in range(qc.qat_epochs):
-        order = list(range(len(texts)))
-        rng.shuffle(order)
-        for b in range(steps_per_epoch):
+        for idx in epoch_batches(texts, tc.batch_size, rng, tc.group_by_length):
             if step == freeze_at:
                 for m in wrappers:
                     m.observing = False
                 log.info("QAT step %d/%d: activation observers frozen", step, total)
-            idx = order[b * tc.batch_size:(b + 1) * tc.batch_size]
             enc = tokenize(tokenizer, [texts[i] for i in idx], tc.max_length, "pt")
             logits = model(**enc).logits
             y = torch.tensor(y_all[idx])
