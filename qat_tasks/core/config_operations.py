@@ -90,6 +90,9 @@ class SchedulingConfig(Strict):
     # Each heavy stage (champion, evaluation, INT8 and 4-bit tracks, shadow) in a spawned process of its own, so
     # the worker gets its memory back when it ends. On by default; a test may turn it off to share one process.
     isolate_stages: bool = True
+    # A measurement whose inputs (registered version, calibration rows, settings, library versions) are those of an
+    # earlier DAG run is taken from that run instead of made again: a rerun costs only what changed.
+    reuse_unchanged: bool = True
 
     def task_defaults(self) -> dict:
         """The DAGs' default_args: every task retried with exponential backoff."""

@@ -61,8 +61,9 @@ class _TreeSampler(RssSampler):
     peak in proportional set size (resident size where the kernel has none), `self_peak_mb` this process's own
     resident size."""
 
-    def __init__(self, interval_s: float = 0.25):
+    def __init__(self, interval_s: float = 1.0, tree: bool = True):
         super().__init__(interval_s)
+        self.tree = tree  # False: this process alone
         self.self_peak_mb = 0.0
 
     def _rss_mb(self) -> float:
@@ -70,6 +71,8 @@ class _TreeSampler(RssSampler):
 
         own = self._proc.memory_info().rss / 2**20
         self.self_peak_mb = max(self.self_peak_mb, own)
+        if not self.tree:
+            return own
         total = 0.0
         for proc in [self._proc, *self._proc.children(recursive=True)]:
             try:
@@ -101,6 +104,9 @@ class _ConsoleFormatter(logging.Formatter):
         return line
 
 
+_IN_STAGE = "QAT_STAGE_PROCESS"  # set in stage processes: a step isolated inside one is sampled by the task's sampler
+
+
 def _child_setup(level: int, environ: dict[str, str], cwd: str) -> None:
     # As a spawned process would start: the worker's environment and folder now, not the fork server's at its start.
     import os
@@ -108,6 +114,7 @@ def _child_setup(level: int, environ: dict[str, str], cwd: str) -> None:
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
+    os.environ[_IN_STAGE] = "1"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_ConsoleFormatter())
     root = logging.getLogger()
@@ -137,7 +144,9 @@ def run(fn, *args, task: str, isolate: bool, **kwargs):
     exception in the stage is raised here as it was raised there; a process that dies without one raises
     StageProcessDied with its exit code."""
     t0 = time.perf_counter()
-    with _TreeSampler() as tree:
+    # Proportional set sizes cost the kernel a walk of each process's page tables: once a second, and only in the
+    # task's process (a step isolated inside a stage is already inside the task's tree).
+    with _TreeSampler(1.0, tree=not os.environ.get(_IN_STAGE)) as tree:
         if isolate:
             ctx = _context()
             level = logging.getLogger("qat_tasks").getEffectiveLevel()

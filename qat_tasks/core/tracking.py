@@ -5,6 +5,11 @@ A stage run is keyed by the tag `qat.run_key` (DAG run id + model + stage). A st
 returns the result it stored in the tag `qat.result` and does no work. An attempt that was cut off (still
 RUNNING: the worker died) is resumed; one that FAILED stays as evidence and the retry starts a new run
 tagged `qat.previous_attempt`, so a fixed config can be logged without clashing with the old params.
+
+A measurement whose inputs have not changed since an earlier DAG run (the same registered version, calibration
+rows, settings and library versions: the tag `qat.content_key`, a digest of them) is not made again: the new DAG
+run gets a stage run of its own that carries the earlier result and metrics and names the run it came from
+(`qat.reused_from`), where the artifacts stay.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ log = logging.getLogger(__name__)
 
 RUN_KEY = "qat.run_key"
 RESULT = "qat.result"
+CONTENT_KEY = "qat.content_key"
+REUSED_FROM = "qat.reused_from"
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,49 @@ def set_result(result: dict) -> None:
     import mlflow
 
     mlflow.set_tag(RESULT, json.dumps(result, sort_keys=True))
+
+
+def content_key(stage: str, *inputs) -> str:
+    """A digest of what a measurement depends on (`inputs`: JSON-able: versions, data digests, settings), with the
+    versions of the libraries that compute it and of this package."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    libraries = {}
+    for pkg in ("qat-tasks", "torch", "transformers", "onnxruntime", "llmcompressor", "compressed-tensors"):
+        try:
+            libraries[pkg] = version(pkg)
+        except PackageNotFoundError:
+            libraries[pkg] = None
+    blob = json.dumps([stage, inputs, libraries], sort_keys=True, default=str)
+    return f"{stage}:{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
+
+
+def reuse(cfg: PipelineConfig, experiment_id: str, key: str, content: str, run_name: str, tags: dict[str, str],
+          parent_run_id: str | None = None) -> dict | None:
+    """The result of an earlier, finished stage run with the same `content` key, logged again as this DAG run's stage
+    run `key` (its metrics copied, `qat.reused_from` naming the source); None when there is none, or reuse is off."""
+    from mlflow import MlflowClient
+
+    if not cfg.scheduling.reuse_unchanged:
+        return None
+    runs = MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`{CONTENT_KEY}` = '{_quote(content)}' and attributes.status = 'FINISHED'",
+        max_results=5, order_by=["attributes.start_time DESC"])
+    source = next((r for r in runs if RESULT in r.data.tags), None)
+    if source is None:
+        return None
+    import mlflow
+
+    origin = source.data.tags.get(REUSED_FROM, source.info.run_id)
+    result = json.loads(source.data.tags[RESULT])
+    with stage_run(experiment_id, key, f"{run_name} (unchanged)",
+                   {**tags, CONTENT_KEY: content, REUSED_FROM: origin}, parent_run_id):
+        if source.data.metrics:
+            mlflow.log_metrics(source.data.metrics)
+        set_result(result)
+    log.info("%s: inputs unchanged since MLflow run %s; its result is reused", run_name, origin)
+    return result
 
 
 def model_parent_run(cfg: PipelineConfig, model_name: str, ctx: RunContext, calibration_version: str) -> str:

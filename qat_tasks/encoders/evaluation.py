@@ -123,9 +123,16 @@ def evaluate_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str
     role = role_for(cfg, model_name)
     splits = role_splits.load(cfg, model_name, calibration_uri)
     rows = splits["evaluation"]
-    with tracking.stage_run(exp_id, key, "evaluate-champion",
-                            {**ctx.tags(), "calibration.version": manifest["version"], "stage": "evaluate-champion",
-                             "model.version": version}, champion["parent_run_id"]) as run, \
+    tags = {**ctx.tags(), "calibration.version": manifest["version"], "stage": "evaluate-champion",
+            "model.version": version}
+    content = tracking.content_key("evaluate-champion", name, version, splits.summary["digest"],
+                                   cfg.evaluation.model_dump())
+    reused = tracking.reuse(cfg, exp_id, key, content, "evaluate-champion", tags, champion["parent_run_id"])
+    if reused is not None:
+        _headline_on_parent(champion["parent_run_id"], reused["metrics"])
+        return reused
+    with tracking.stage_run(exp_id, key, "evaluate-champion", {**tags, tracking.CONTENT_KEY: content},
+                            champion["parent_run_id"]) as run, \
             tempfile.TemporaryDirectory(prefix="eval-") as tmp:
         from transformers import AutoTokenizer
 
@@ -150,9 +157,15 @@ def evaluate_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str
         result = {"model": model_name, "version": version, "run_id": run.info.run_id, "metrics": scalars,
                   "headline": role.headline(scalars)}
         tracking.set_result(result)
-    # The parent run carries the headline figures so the experiment's run list compares quarters at a glance.
-    mlflow.MlflowClient().log_batch(champion["parent_run_id"], metrics=[
-        mlflow.entities.Metric(f"champion.{k}", v, int(time.time() * 1000), 0) for k, v in scalars.items()])
+    _headline_on_parent(champion["parent_run_id"], scalars)
     return result
+
+
+def _headline_on_parent(parent_run_id: str, scalars: dict) -> None:
+    """The parent run carries the champion's figures, so the experiment's run list compares quarters at a glance."""
+    import mlflow
+
+    mlflow.MlflowClient().log_batch(parent_run_id, metrics=[
+        mlflow.entities.Metric(f"champion.{k}", v, int(time.time() * 1000), 0) for k, v in scalars.items()])
 
 

@@ -245,11 +245,20 @@ def build_llm_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: 
     # 1. The unquantized model: the reference every gate is relative to. It, each candidate and the judging of the
     # finalist run in processes of their own: what PyTorch and llm-compressor keep after a step (1 to 2 GB a
     # candidate on this model) goes back to the system when it ends.
+    # What the measurements depend on: a rerun on unchanged inputs reuses them (the quantized chunks are reused by
+    # their own digest too, so a changed evaluation setting re-measures without re-quantizing).
+    source_files = sorted((f.name, f.stat().st_size) for f in base_dir.glob("*.safetensors"))
+    inputs = (mcfg.source, source_files, version, data.describe(), tc.model_dump(exclude={"candidates"}))
     key = f"{base_key}:unquantized"
     base = tracking.cached_result(exp_id, key)
     if base is None:
-        base, _ = isolation.run(_measure_unquantized, cfg, model_name, base_dir, data, exp_id, key, tags, parent,
-                                progress, task=f"{model_name}: unquantized", isolate=isolate)
+        utags = {**tags, "stage": "llm-unquantized"}
+        content = tracking.content_key("llm-unquantized", *inputs)
+        base = tracking.reuse(cfg, exp_id, key, content, "unquantized", utags, parent)
+    if base is None:
+        base, _ = isolation.run(_measure_unquantized, cfg, model_name, base_dir, data, exp_id, key,
+                                {**utags, tracking.CONTENT_KEY: content}, parent, progress,
+                                task=f"{model_name}: unquantized", isolate=isolate)
     num_layers = json.loads((base_dir / "config.json").read_text())["num_hidden_layers"]
 
     # 2. Candidates, each its own stage run; a finished one is never redone.
@@ -261,9 +270,15 @@ def build_llm_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: 
             log.info("candidate %s already measured in run %s", cand.key, done["run_id"])
             results[cand.key] = done
             continue
+        ctags = {**tags, "stage": "llm-candidate", "candidate": cand.key}
+        content = tracking.content_key("llm-candidate", cand.model_dump(), *inputs)
+        reused = tracking.reuse(cfg, exp_id, key, content, f"w{tc.bits} {cand.key}", ctags, parent)
+        if reused is not None:
+            results[cand.key] = reused
+            continue
         results[cand.key], _ = isolation.run(_measure_candidate, cfg, model_name, cand, base_dir, data, num_layers,
-                                             work_root, exp_id, key, tags, parent, progress,
-                                             task=f"{model_name}: {cand.key}", isolate=isolate)
+                                             work_root, exp_id, key, {**ctags, tracking.CONTENT_KEY: content}, parent,
+                                             progress, task=f"{model_name}: {cand.key}", isolate=isolate)
 
     # 3. Decision.
     with tracking.stage_run(exp_id, decision_key, f"w{tc.bits}-decision", {**tags, "stage": "llm-decision"},
@@ -288,7 +303,7 @@ def _measure_unquantized(cfg: PipelineConfig, model_name: str, base_dir: Path, d
     tracking.configure(cfg)
     mcfg = cfg.model(model_name)
     tc = mcfg.llm_track
-    with tracking.stage_run(exp_id, key, "unquantized", {**tags, "stage": "llm-unquantized"}, parent):
+    with tracking.stage_run(exp_id, key, "unquantized", tags, parent):
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
         res = evaluate(model, AutoTokenizer.from_pretrained(base_dir), data, tc)
         res["metrics"]["size_mb"] = resources.dir_size_bytes(base_dir) / 1e6
@@ -326,8 +341,7 @@ def _measure_candidate(cfg: PipelineConfig, model_name: str, cand: LlmCandidate,
     tc = cfg.model(model_name).llm_track
     spec = quant_spec(tc, cand, num_layers)
     texts = {"domain": data.domain_calibration, "generic": data.generic_calibration, "none": []}[cand.calibration]
-    with tracking.stage_run(exp_id, key, f"w{tc.bits} {cand.key}",
-                            {**tags, "stage": "llm-candidate", "candidate": cand.key}, parent) as run:
+    with tracking.stage_run(exp_id, key, f"w{tc.bits} {cand.key}", tags, parent) as run:
         mlflow.log_params({"candidate": cand.key, "method": cand.method, "calibration": cand.calibration,
                            "keep_blocks": list(cand.keep_blocks), "calibration_texts": len(texts),
                            **{f"spec.{k}": v for k, v in spec.__dict__.items()}})

@@ -68,7 +68,16 @@ class Workbench:
         qc = self.mcfg.quantization
         self.batches = ort_quant.calibration_batches(self.tokenizer, self.calib_texts, self.max_length,
                                                      qc.calibration_batch_size)
-        self.preprocessed = ort_quant.preprocess(self.paths["onnx"], tmp / "preprocessed.onnx")
+        # Candidates are quantized from FP32. An INT8 champion (a promoted challenger) ships the FP32 weights it was
+        # quantized from: they are exported again, never its INT8 graph re-quantized; the gates still compare each
+        # candidate with the champion as it serves.
+        self.source_onnx = self.paths["onnx"]
+        if self.meta.get("precision", "fp32") != "fp32":
+            from qat_tasks.encoders.modeling import export_onnx
+
+            self.source_onnx = export_onnx(self.hf_model, self.tokenizer, tmp / "source" / "model.onnx",
+                                           self.max_length, self.pair)
+        self.preprocessed = ort_quant.preprocess(self.source_onnx, tmp / "preprocessed.onnx")
         step = max(1, len(self.sel_rows) // qc.parity_samples)  # spread over the split (and reranking groups)
         self.parity_texts = inputs_of(self.sel_rows[::step][: qc.parity_samples])
         self.reference_logits = self.reference(self.hf_model)
@@ -180,6 +189,9 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
         role = bench.role
         candidates, rule = choose_candidates(qc, role.tolerance_pts(), role.labelled_fraction(bench.train_rows))
         log.info("%s INT8 candidates %s (%s)", model_name, list(candidates), rule)
+        # What a candidate's measurement depends on besides its name: reruns on unchanged inputs reuse it.
+        inputs = (champion["registered_model"], champion["version"], bench.splits.summary["digest"],
+                  qc.model_dump(), mcfg.training.model_dump(), cfg.evaluation.model_dump())
         for name in candidates:
             key = f"{base_key}:{name}"
             done = tracking.cached_result(exp_id, key)
@@ -187,9 +199,15 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
                 log.info("candidate %s already measured in run %s", name, done["run_id"])
                 results[name] = done
                 continue
+            ctags = {**tags, "stage": "int8-candidate", "candidate": name}
+            content = tracking.content_key("int8-candidate", name, *inputs)
+            reused = tracking.reuse(cfg, exp_id, key, content, f"int8 {name}", ctags, champion["parent_run_id"])
+            if reused is not None:
+                results[name] = reused
+                continue
             log.info("building INT8 candidate %s of %s", name, model_name)
-            with tracking.stage_run(exp_id, key, f"int8 {name}", {**tags, "stage": "int8-candidate",
-                                                                  "candidate": name}, champion["parent_run_id"]) as run:
+            with tracking.stage_run(exp_id, key, f"int8 {name}", {**ctags, tracking.CONTENT_KEY: content},
+                                    champion["parent_run_id"]) as run:
                 if name.startswith("qat"):
                     from qat_tasks.encoders.int8 import qat
 
@@ -201,7 +219,7 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
                     reference = bench.reference(bench.trained[qat_variant(name)][3])
                 else:
                     reference = None
-                    onnx_path = ptq.build(name, bench.paths["onnx"], bench.preprocessed, bench.hf_model,
+                    onnx_path = ptq.build(name, bench.source_onnx, bench.preprocessed, bench.hf_model,
                                           bench.tokenizer, bench.batches, bench.max_length, qc, tmp / name, bench.pair)
                 report = bench.measure(onnx_path, reference)
                 mlflow.log_params({"candidate": name, "champion_version": champion["version"], "candidates.rule": rule,
@@ -216,10 +234,10 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
                                  "onnx_artifact": f"candidate/{onnx_path.name}"}
                 tracking.set_result(results[name])
 
-        champ = _scalars(bench.measure(bench.paths["onnx"]))
+        champ = _champion_on_selection(cfg, bench, exp_id, f"{base_key}:champion", inputs, tags, champion)
         if qc.mixed_precision and not any(_passes(role, qc, r["metrics"], champ) for r in results.values()):
             mixed = _mixed_precision(cfg, model_name, bench, results, champ, exp_id, f"{base_key}:mixed-precision",
-                                     tags, champion, tmp)
+                                     tags, champion, tmp, inputs)
             if mixed is not None:
                 results[mixed["name"]] = mixed
         with tracking.stage_run(exp_id, decision_key, "int8-decision", {**tags, "stage": "int8-decision"},
@@ -228,6 +246,27 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
                                ctx, champion, manifest["version"])
             tracking.set_result(verdict)
     return verdict
+
+
+def _champion_on_selection(cfg, bench, exp_id, key, inputs, tags, champion) -> dict:
+    """The champion's figures on the selection split, the screen's reference: measured once per DAG run, and once
+    for all runs while its inputs stay the same."""
+    done = tracking.cached_result(exp_id, key)
+    if done is not None:
+        return done
+    ctags = {**tags, "stage": "int8-champion-selection"}
+    content = tracking.content_key("int8-champion-selection", *inputs)
+    reused = tracking.reuse(cfg, exp_id, key, content, "champion on selection", ctags, champion["parent_run_id"])
+    if reused is not None:
+        return reused
+    import mlflow
+
+    with tracking.stage_run(exp_id, key, "champion on selection", {**ctags, tracking.CONTENT_KEY: content},
+                            champion["parent_run_id"]):
+        champ = _scalars(bench.measure(bench.paths["onnx"]))
+        mlflow.log_metrics(champ)
+        tracking.set_result(champ)
+    return champ
 
 
 def _verdict(role, qc, metrics: dict, champ: dict) -> list[gates.GateResult]:
@@ -239,7 +278,7 @@ def _passes(role, qc, metrics: dict, champ: dict) -> bool:
     return all(r.passed for r in _verdict(role, qc, metrics, champ))
 
 
-def _mixed_precision(cfg, model_name, bench, results, champ, exp_id, key, tags, champion, tmp) -> dict | None:
+def _mixed_precision(cfg, model_name, bench, results, champ, exp_id, key, tags, champion, tmp, inputs) -> dict | None:
     """Per-layer sensitivity of the most accurate failing candidate, then FP32 fallback until the gates pass."""
     import mlflow
     import pandas as pd
@@ -258,9 +297,15 @@ def _mixed_precision(cfg, model_name, bench, results, champ, exp_id, key, tags, 
     base = max(eligible, key=lambda n: bench.role.rank_key(eligible[n]["metrics"]))
     recipe = bench.recipe(base, tmp)
     reference = bench.reference(bench.trained[qat_variant(base)][3]) if base.startswith("qat") else None
+    mtags = {**tags, "stage": "int8-mixed-precision", "candidate": base}
+    content = tracking.content_key("int8-mixed-precision", base, results[base]["metrics"], champ, *inputs)
+    reused = tracking.reuse(cfg, exp_id, key, content, f"int8 mixed precision ({base})", mtags,
+                            champion["parent_run_id"])
+    if reused is not None:
+        return reused or None
     log.info("%s: no candidate passed; per-layer sensitivity of %s, then FP32 fallback", model_name, base)
-    with tracking.stage_run(exp_id, key, f"int8 mixed precision ({base})",
-                            {**tags, "stage": "int8-mixed-precision", "candidate": base}, champion["parent_run_id"]) as run:
+    with tracking.stage_run(exp_id, key, f"int8 mixed precision ({base})", {**mtags, tracking.CONTENT_KEY: content},
+                            champion["parent_run_id"]) as run:
         sens = sensitivity.analyse(recipe, bench.quality, bench.batches, qc.percentile, tmp / "sensitivity",
                                    bench.role.sensitivity_keys)
         mlflow.log_table(pd.DataFrame(sens), "sensitivity.json")
@@ -329,7 +374,17 @@ def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, t
         # The finalist = the screened candidate best on the role's headline metric on the selection split; ties
         # go to the faster one. Only it meets the evaluation split.
         finalist = max(screened, key=lambda n: role.rank_key(results[n]["metrics"]))
-    final, champ_eval, outcome = _judge_finalist(cfg, bench, results[finalist], finalist, tmp, model_name)
+    onnx = Path(mlflow.artifacts.download_artifacts(run_id=results[finalist]["run_id"],
+                                                    artifact_path=results[finalist]["onnx_artifact"],
+                                                    dst_path=str(tmp / "finalist")))
+    if _digest(onnx) == _digest(bench.paths["onnx"]):
+        # The same data and method rebuilt the champion's own graph: there is nothing new to judge or register.
+        mlflow.set_tags({"decision": f"finalist {finalist} is the champion's graph, byte for byte; nothing registered"})
+        log.info("%s: finalist %s is v%s's own graph, byte for byte (same FP32 weights, calibration and method); "
+                 "nothing to register", model_name, finalist, champion["version"])
+        return {"model": model_name, "decision": f"finalist {finalist}: the champion's own graph",
+                "registered_version": None, "run_id": run_id, "finalist": finalist}
+    final, champ_eval, outcome = _judge_finalist(cfg, bench, results[finalist], onnx, finalist, tmp, model_name)
     rows = gates.table(finalist, outcome)
     mlflow.log_table(pd.DataFrame(rows), "gate_table.json")
     mlflow.log_metrics({**{f"finalist.{k}": v for k, v in final.items()},
@@ -359,17 +414,21 @@ def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, t
     return {**out, "metrics": final, "headline": role.headline(final), "gates": rows}
 
 
-def _judge_finalist(cfg, bench, result: dict, name: str, tmp: Path, model_name: str):
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _judge_finalist(cfg, bench, result: dict, onnx: Path, name: str, tmp: Path, model_name: str):
     """The finalist and the champion on the evaluation split (read here only), and timed interleaved in rounds
     in this process: their metrics there and the paired gates."""
     import mlflow
 
+    from qat_tasks.encoders.evaluation import evaluate_classifier
     from qat_tasks.encoders.modeling import inputs_of
     from qat_tasks.promotion import evidence
 
-    onnx = Path(mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path=result["onnx_artifact"],
-                                                    dst_path=str(tmp / "finalist")))
-    from qat_tasks.encoders.evaluation import evaluate_classifier
 
     # One ONNX Runtime session per model serves both the evaluation rows and the timing rounds.
     cand_clf, champ_clf = bench._classifier(onnx), bench._classifier(bench.paths["onnx"])
