@@ -41,6 +41,11 @@ def _xcom(dr, task_id):
         return [XComModel.deserialize_value(r) for r in sorted(rows, key=lambda r: r.map_index)]
 
 
+def _stage(value: dict) -> dict:
+    """A task's result as its stage returned it: the task adds what it cost (`profile`)."""
+    return {k: v for k, v in value.items() if k != "profile"}
+
+
 def _of(dr, task_id, model="intent-classifier") -> dict:
     """The mapped task instance's result for one model."""
     (value,) = [v for v in _xcom(dr, task_id) if v["model"] == model]
@@ -128,22 +133,23 @@ def test_retrying_stages_of_the_same_run_duplicates_nothing(dag_run, mlflow_clie
     name = "mangaassist-intent-classifier"
     # A retried refresh returns the finished result; a retried champion task after the process died
     # between registering and aliasing restores the alias without a second version.
-    assert pipeline.refresh_stage(tiny_config, run, progress=False) == cal
+    assert pipeline.refresh_stage(tiny_config, run, progress=False) == _stage(cal)
     mlflow_client.delete_registered_model_alias(name, "champion")
     champion = pipeline.champion_stage(tiny_config, run, cal, "intent-classifier")
     assert champion["version"] == "1"
     assert str(mlflow_client.get_model_version_by_alias(name, "champion").version) == "1"
     evaluation = pipeline.evaluate_stage(tiny_config, run, cal, champion)
-    assert evaluation == _of(dag_run, "evaluate_champion")
+    assert evaluation == _stage(_of(dag_run, "evaluate_champion"))
     decision = _of(dag_run, "int8_challenger")
-    assert pipeline.challenger_stage(tiny_config, run, cal, champion) == decision
+    assert pipeline.challenger_stage(tiny_config, run, cal, champion) == _stage(decision)
     versions = mlflow_client.search_model_versions(f"name = '{name}'")
     assert len(versions) == 1 + (decision["registered_version"] is not None)
     exp = mlflow_client.get_experiment_by_name("mangaassist-intent-classifier")
-    # parent, bootstrap, evaluation, two INT8 candidates, INT8 decision (+ mixed precision when nothing passed)
+    # parent, bootstrap, evaluation, two INT8 candidates, the champion on the selection split, INT8 decision
+    # (+ mixed precision when nothing passed)
     runs = mlflow_client.search_runs([exp.experiment_id], f"tags.`airflow.run_id` = '{dag_run.run_id}'")
     mixed = sum(r.data.tags.get("stage") == "int8-mixed-precision" for r in runs)
-    assert mixed <= 1 and len(runs) == 6 + mixed
+    assert mixed <= 1 and len(runs) == 7 + mixed
 
 
 def test_a_second_run_reuses_the_champion(dag_run, mlflow_client, tiny_config_path):
@@ -156,6 +162,22 @@ def test_a_second_run_reuses_the_champion(dag_run, mlflow_client, tiny_config_pa
     assert len(_champion_versions(mlflow_client)) == 1
     champion = _of(dr2, "ensure_champion")
     assert champion["bootstrapped"] is False
+    # The same window, so the same calibration rows: every measurement whose inputs did not change (the champion
+    # version, the rows, the settings) is taken from the first run, which its stage run in this one names.
+    for model, stages in (("escalation-detector", {"evaluate-champion", "int8-candidate", "int8-champion-selection"}),
+                          ("fallback-llm", {"llm-unquantized", "llm-candidate"})):
+        exp = mlflow_client.get_experiment_by_name(f"mangaassist-{model}")
+        first = {r.info.run_id for r in mlflow_client.search_runs(
+            [exp.experiment_id], f"tags.`airflow.run_id` = '{dag_run.run_id}'")}
+        second = mlflow_client.search_runs([exp.experiment_id], f"tags.`airflow.run_id` = '{dr2.run_id}'")
+        reused = [r for r in second if r.data.tags.get("stage") in stages]
+        assert {r.data.tags["stage"] for r in reused} == stages
+        for r in reused:
+            assert r.data.tags["qat.reused_from"] in first, (model, r.data.tags["stage"])
+            assert r.info.run_name.endswith("(unchanged)") and r.data.metrics
+        # The decision is made again, on the evaluation split, by this run.
+        decision = next(r for r in second if r.data.tags.get("stage", "").endswith("-decision"))
+        assert "qat.reused_from" not in decision.data.tags
 
 
 def test_a_new_challenger_goes_into_shadow(dag_run, mlflow_client):
@@ -539,7 +561,7 @@ def test_llm_track_registers_a_4bit_challenger_once_with_its_evidence(dag_run, m
     # A retried task returns the decision and registers nothing new.
     (run,) = _xcom(dag_run, "plan")
     (cal,) = _xcom(dag_run, "refresh_calibration")
-    assert pipeline.llm_stage(tiny_config, run, cal, "fallback-llm") == decision
+    assert pipeline.llm_stage(tiny_config, run, cal, "fallback-llm") == _stage(decision)
     # One version per DAG run (a later DAG run makes its own decision and may register its own).
     versions = [v for v in mlflow_client.search_model_versions("name = 'mangaassist-fallback-llm'")
                 if v.tags.get("airflow.run_id") == dag_run.run_id]

@@ -117,7 +117,9 @@ class TrainingConfig(Strict):
     warmup_fraction: Fraction = 0.1
     weight_decay: float = Field(default=0.01, ge=0)
     class_weighted_loss: bool = True
-    group_by_length: bool = True  # batches of rows of similar length: less padding, faster steps
+    # Each batch's rows, sorted by length, run through the model in this many slices whose gradients add up to the
+    # batch's: the same update with less padding.
+    micro_batches: int = Field(default=2, ge=1)
     seed: int = 13
 
 

@@ -167,6 +167,10 @@ def run(fn, *args, task: str, isolate: bool, **kwargs):
                # in-process: the worker's own peak while the stage ran (sampled), not its lifetime high-water mark
                "peak_rss_mb": round(stage_peak if stage_peak is not None else tree.self_peak_mb, 1),
                "tree_peak_rss_mb": round(tree.peak_mb, 1)}
-    log.info("%s: %.1f s, peak memory %.0f MB (%s; %.0f MB with the worker)", task, wall, profile["peak_rss_mb"],
-             "own process" if isolate else "in the worker", profile["tree_peak_rss_mb"])
+    if tree.tree:
+        log.info("%s: %.1f s, peak memory %.0f MB (%s; %.0f MB with the worker)", task, wall, profile["peak_rss_mb"],
+                 "own process" if isolate else "in the worker", profile["tree_peak_rss_mb"])
+    else:  # a step inside a stage process: the task's own sampler counts the tree
+        log.info("%s: %.1f s, peak memory %.0f MB (%s)", task, wall, profile["peak_rss_mb"],
+                 "own process" if isolate else "in the stage's process")
     return result, profile

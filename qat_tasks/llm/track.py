@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qat_tasks.core import isolation, plots, resources, tracking
+from qat_tasks.core import isolation, plots, registry, resources, tracking
 from qat_tasks.core.config import PipelineConfig
 from qat_tasks.core.config_sections import LlmCandidate, LlmTrackConfig
 from qat_tasks.core.schema import INTENTS
@@ -363,7 +363,8 @@ def _measure_candidate(cfg: PipelineConfig, model_name: str, cand: LlmCandidate,
         # The state folder may be lost (another worker, a cleaned disk): the decision can read it from here.
         mlflow.log_artifacts(str(qres.output_dir), CHECKPOINT_ARTIFACT)
         result = {"run_id": run.info.run_id, "metrics": res["metrics"], "generations": res["generations"],
-                  "checkpoint": str(qres.output_dir), "checkpoint_artifact": CHECKPOINT_ARTIFACT}
+                  "checkpoint": str(qres.output_dir), "checkpoint_artifact": CHECKPOINT_ARTIFACT,
+                  "spec_hash": qres.spec_hash}
         tracking.set_result(result)
         log.info("%s %s: %s; peak memory %.0f MB", model_name, cand.key, headline(res["metrics"]), rss.peak_mb)
     return result
@@ -424,6 +425,17 @@ def _decide(cfg, model_name, tc, base, results, client, run_id, stage_key, ctx, 
         finalist = min(screened, key=lambda k: (results[k]["metrics"]["perplexity_domain"],
                                                 -results[k]["metrics"]["routing_accuracy"],
                                                 results[k]["metrics"]["size_mb"]))
+    spec_hash = results[finalist].get("spec_hash")
+    for alias in (registry.CHAMPION, registry.CHALLENGER):
+        held = registry.alias_version(client, registered_name, alias)
+        if spec_hash and held is not None and earlier != finalist and held.tags.get("checkpoint.spec_hash") == spec_hash:
+            # Made from the same source, calibration texts, spec and library versions: the checkpoint the registry
+            # already holds. Nothing new to judge or register.
+            what = f"finalist {finalist} is @{alias} v{held.version}, the same checkpoint"
+            mlflow.set_tags({"decision": f"{what}; nothing registered"})
+            log.info("%s: %s; nothing to register", model_name, what)
+            return {"model": model_name, "decision": what, "registered_version": None, "run_id": run_id,
+                    "finalist": finalist, "unquantized": bm}
     with tempfile.TemporaryDirectory(prefix="llm-decision-") as tmp:
         final, base_eval, outcome = judge(results[finalist], Path(tmp))
         gate_rows = gates.table(finalist, outcome)
@@ -445,6 +457,7 @@ def _decide(cfg, model_name, tc, base, results, client, run_id, stage_key, ctx, 
             model_uri = packaging.log_llm(_checkpoint_of(results[finalist], Path(tmp) / "package"), meta)
     lineage = {"calibration_version": version, "candidate_run_id": results[finalist]["run_id"],
                "airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id, "format": "compressed-tensors",
+               "checkpoint.spec_hash": spec_hash or "",
                **decision.gate_tags(outcome)}
     out = decision.register_challenger(
         client, model_name=model_name, registered_name=registered_name, best=finalist,

@@ -12,6 +12,7 @@ per-channel with Gemm ran slower than FP32, so MatMul-only per-tensor is the def
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -105,8 +106,10 @@ def quantize_static(src: Path, dst: Path, batches: list[dict], method: str = "mi
         log.info("static quantization: %d activation ranges taken from QAT, the rest calibrated",
                  len(extra["TensorQuantOverrides"]))
     src, dst = Path(src).resolve(), Path(dst).resolve()
-    # The calibrator writes an augmented copy of the model (and tensor files) into the working directory.
-    with tempfile.TemporaryDirectory(prefix="ort-calib-") as tmp, contextlib.chdir(tmp):
+    # The calibrator writes an augmented copy of the model (and tensor files) into the working directory, and prints
+    # a line per calibration batch: kept out of the task log.
+    with tempfile.TemporaryDirectory(prefix="ort-calib-") as tmp, contextlib.chdir(tmp), \
+            contextlib.redirect_stdout(io.StringIO()):
         quantize_static(str(src), str(dst), _Reader(batches), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
                         op_types_to_quantize=["MatMul", "Gather"], nodes_to_exclude=exclude_nodes or [],

@@ -138,7 +138,7 @@ def train(model: nn.Module, tokenizer, texts: list[str], labels: list[int], n_la
     model.train()
     step, losses = 0, []
     for _epoch in range(qc.qat_epochs):
-        for idx in epoch_batches(texts, tc.batch_size, rng, tc.group_by_length):
+        for idx in epoch_batches(len(texts), tc.batch_size, rng):
             if step == freeze_at:
                 for m in wrappers:
                     m.observing = False

@@ -377,13 +377,18 @@ def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, t
     onnx = Path(mlflow.artifacts.download_artifacts(run_id=results[finalist]["run_id"],
                                                     artifact_path=results[finalist]["onnx_artifact"],
                                                     dst_path=str(tmp / "finalist")))
-    if _digest(onnx) == _digest(bench.paths["onnx"]):
-        # The same data and method rebuilt the champion's own graph: there is nothing new to judge or register.
-        mlflow.set_tags({"decision": f"finalist {finalist} is the champion's graph, byte for byte; nothing registered"})
-        log.info("%s: finalist %s is v%s's own graph, byte for byte (same FP32 weights, calibration and method); "
-                 "nothing to register", model_name, finalist, champion["version"])
-        return {"model": model_name, "decision": f"finalist {finalist}: the champion's own graph",
-                "registered_version": None, "run_id": run_id, "finalist": finalist}
+    graph = _digest(onnx)
+    challenger = registry.alias_version(client, champion["registered_model"], registry.CHALLENGER)
+    same_as = ("the champion", champion["version"]) if graph == _digest(bench.paths["onnx"]) else (
+        ("@challenger", str(challenger.version)) if challenger is not None and earlier != finalist
+        and challenger.tags.get("onnx.sha256") == graph else None)
+    if same_as is not None:
+        # The same FP32 weights, calibration and method rebuilt a graph the registry holds: nothing new to judge.
+        what = f"finalist {finalist} is {same_as[0]} v{same_as[1]}, byte for byte"
+        mlflow.set_tags({"decision": f"{what}; nothing registered"})
+        log.info("%s: %s (same FP32 weights, calibration rows and method); nothing to register", model_name, what)
+        return {"model": model_name, "decision": what, "registered_version": None, "run_id": run_id,
+                "finalist": finalist}
     final, champ_eval, outcome = _judge_finalist(cfg, bench, results[finalist], onnx, finalist, tmp, model_name)
     rows = gates.table(finalist, outcome)
     mlflow.log_table(pd.DataFrame(rows), "gate_table.json")
@@ -404,7 +409,7 @@ def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, t
                                                           tmp, final)
     lineage = {"calibration_version": cal_version, "champion_version": champion["version"],
                "candidate_run_id": results[finalist]["run_id"], "airflow.dag_id": ctx.dag_id,
-               "airflow.run_id": ctx.run_id, **decision.gate_tags(outcome)}
+               "airflow.run_id": ctx.run_id, "onnx.sha256": graph, **decision.gate_tags(outcome)}
     out = decision.register_challenger(
         client, model_name=model_name, registered_name=champion["registered_model"], best=finalist,
         model_uri=model_uri, stage_key=stage_key, run_id=run_id, lineage=lineage,
