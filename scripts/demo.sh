@@ -15,13 +15,15 @@ REASON="${REASON:-demo: quarterly recalibration on the bundled traffic sample}"
 
 echo "==> airflow db migrate ($AIRFLOW_HOME/airflow.db)"
 airflow db migrate >/dev/null
-# Remember the newest DAG run id, so the verdict below can only come from the run this command creates.
-LAST_ID=$(python - <<'PY'
+# Remember the newest DAG run, so the verdict below can only come from the run this command creates (a run for
+# the same logical date replaces the earlier one, and SQLite may give it the same id: the run id tells them apart).
+LAST=$(python - <<'PY'
 from airflow.models.dagrun import DagRun
 from airflow.utils.session import create_session
-from sqlalchemy import func, select
+from sqlalchemy import select
 with create_session() as s:
-    print(s.scalar(select(func.max(DagRun.id))) or 0)
+    dr = s.scalars(select(DagRun).where(DagRun.dag_id == "quarterly_recalibration").order_by(DagRun.id.desc())).first()
+    print(dr.run_id if dr else "")
 PY
 )
 echo "==> airflow dags test quarterly_recalibration $LOGICAL_DATE"
@@ -31,7 +33,7 @@ CONF=$(python -c 'import json,sys; print(json.dumps({"reason": sys.argv[1],
 airflow dags test quarterly_recalibration "$LOGICAL_DATE" --conf "$CONF" 2>&1 | tee "$ROOT/.state/demo-run.log" \
   | awk '/\[qat_tasks|\[error|ERROR|Traceback/ {p=1} /^20[0-9][0-9]-/ && !/\[qat_tasks|\[error|ERROR/ {p=0}
          p { sub(/^20[0-9-]+T/, ""); sub(/\.[0-9]+Z \[/, " ["); sub(/ \[qat_tasks[^]]*\] loc=.*$/, ""); print; fflush() }' || true
-python - "$LAST_ID" <<'PY'
+python - "$LAST" <<'PY'
 import os, sys
 from airflow.models.dagrun import DagRun
 from airflow.utils.session import create_session
@@ -39,9 +41,8 @@ from sqlalchemy import select
 from qat_tasks.core.config import load_config
 from qat_tasks.reporting import task_profile
 with create_session() as s:
-    dr = s.scalars(select(DagRun).where(DagRun.dag_id == "quarterly_recalibration", DagRun.id > int(sys.argv[1]))
-                   .order_by(DagRun.id.desc())).first()
-    if dr is None:
+    dr = s.scalars(select(DagRun).where(DagRun.dag_id == "quarterly_recalibration").order_by(DagRun.id.desc())).first()
+    if dr is None or dr.run_id == sys.argv[1]:
         sys.exit("==> no DAG run was created: see .state/demo-run.log (DAG import error? bad --conf?)")
 run = task_profile.airflow_run("quarterly_recalibration", dr.run_id)
 wall = f"{run['wall_s'] / 60:.1f} min" if run["wall_s"] is not None else "no end time"

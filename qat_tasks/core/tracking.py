@@ -186,7 +186,8 @@ def reuse(cfg: PipelineConfig, experiment_id: str, key: str, content: str, run_n
         if source.data.metrics:
             mlflow.log_metrics(source.data.metrics)
         set_result(result)
-    log.info("%s: inputs unchanged since MLflow run %s; its result is reused", run_name, origin)
+    log.info("%s, %s: inputs unchanged since MLflow run %s; its result is reused",
+             MlflowClient().get_experiment(experiment_id).name, run_name, origin)
     return result
 
 

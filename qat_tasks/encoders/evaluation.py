@@ -69,6 +69,18 @@ def evaluate_classifier(classifier, splits, role, cfg: PipelineConfig, timing: b
     return report
 
 
+OUTCOMES = "champion_outcomes.npz"
+
+
+def save_outcomes(outcomes: dict, path: Path) -> None:
+    np.savez_compressed(path, **{k: np.asarray(v) for k, v in outcomes.items()})
+
+
+def load_outcomes(path: Path) -> dict:
+    with np.load(path) as data:
+        return {k: (data[k].item() if data[k].ndim == 0 else data[k]) for k in data.files}
+
+
 SCALAR_METRICS = ("accuracy", "macro_f1", "rare_class_accuracy", "escalation_recall", "escalation_precision",
                   "escalation_f1", "threshold", "alarm_rate", "ndcg_at_10", "mrr_at_10", "hit_at_1", "groups", "ece",
                   "ece_after_ts", "temperature", "p50_ms", "p95_ms", "throughput_rps", "size_mb", "model_memory_mb",
@@ -150,6 +162,8 @@ def evaluate_champion(cfg: PipelineConfig, model_name: str, calibration_uri: str
         report = evaluate_classifier(classifier, splits, role, cfg)
         scalars = log_classifier_report(report, role.labels, role.rare,
                                         f"{model_name} v{version} (FP32, ONNX Runtime)", cfg.evaluation.ece_bins)
+        save_outcomes(report["outcomes"], Path(tmp) / OUTCOMES)
+        mlflow.log_artifact(str(Path(tmp) / OUTCOMES), "evidence")  # the INT8 decision pairs its finalist with these
         client.set_model_version_tag(name, version, f"eval.{manifest['version']}.headline", role.headline(scalars))
         log.info("%s v%s on %d evaluation rows: %s; P95 %.1f ms (batch 1, %d thread(s)), %.0f req/s at batch %d, "
                  "%.1f MB", name, version, len(rows), role.headline(scalars), scalars["p95_ms"], cfg.evaluation.threads,

@@ -235,7 +235,8 @@ def build_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: str,
                 tracking.set_result(results[name])
 
         champ = _champion_on_selection(cfg, bench, exp_id, f"{base_key}:champion", inputs, tags, champion)
-        if qc.mixed_precision and not any(_passes(role, qc, r["metrics"], champ) for r in results.values()):
+        if qc.mixed_precision and not any(_passes(role, qc, r["metrics"], champ) for r in results.values()) and \
+                _fallback_can_help(role, qc, results, champ, model_name):
             mixed = _mixed_precision(cfg, model_name, bench, results, champ, exp_id, f"{base_key}:mixed-precision",
                                      tags, champion, tmp, inputs)
             if mixed is not None:
@@ -276,6 +277,18 @@ def _verdict(role, qc, metrics: dict, champ: dict) -> list[gates.GateResult]:
 
 def _passes(role, qc, metrics: dict, champ: dict) -> bool:
     return all(r.passed for r in _verdict(role, qc, metrics, champ))
+
+
+def _fallback_can_help(role, qc, results: dict, champ: dict, model_name: str) -> bool:
+    """Keeping layers in FP32 wins back quality at the cost of speed: it can rescue a candidate that failed only
+    quality gates, never one already too slow (an INT8 champion, whose candidates cannot be faster)."""
+    for r in results.values():
+        failed = {g.gate for g in _verdict(role, qc, r["metrics"], champ) if not g.passed}
+        if "p95_ratio" not in failed:
+            return True
+    log.info("%s: every INT8 candidate failed the latency gate; FP32 fallback would only make them slower, so it "
+             "is not tried", model_name)
+    return False
 
 
 def _mixed_precision(cfg, model_name, bench, results, champ, exp_id, key, tags, champion, tmp, inputs) -> dict | None:
@@ -389,7 +402,8 @@ def _decide(cfg, model_name, champ, results, client, run_id, stage_key, bench, t
         log.info("%s: %s (same FP32 weights, calibration rows and method); nothing to register", model_name, what)
         return {"model": model_name, "decision": what, "registered_version": None, "run_id": run_id,
                 "finalist": finalist}
-    final, champ_eval, outcome = _judge_finalist(cfg, bench, results[finalist], onnx, finalist, tmp, model_name)
+    final, champ_eval, outcome = _judge_finalist(cfg, bench, results[finalist], onnx, finalist, tmp, model_name,
+                                                 champion, ctx)
     rows = gates.table(finalist, outcome)
     mlflow.log_table(pd.DataFrame(rows), "gate_table.json")
     mlflow.log_metrics({**{f"finalist.{k}": v for k, v in final.items()},
@@ -425,7 +439,28 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _judge_finalist(cfg, bench, result: dict, onnx: Path, name: str, tmp: Path, model_name: str):
+def _champion_evaluation(cfg, bench, champion: dict, ctx, tmp: Path) -> dict | None:
+    """The champion's per-row outcomes and quality figures on the evaluation split, as this DAG run's
+    evaluate-champion task logged them; None when it has none for this version (then the judge scores them)."""
+    import mlflow
+
+    from qat_tasks.encoders.evaluation import OUTCOMES, load_outcomes
+
+    exp_id = tracking.ensure_experiment(cfg, champion["model"])
+    done = tracking.cached_result(exp_id, f"{ctx.run_id}:{champion['model']}:evaluate-champion")
+    if done is None or str(done.get("version")) != str(champion["version"]):
+        return None
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=done["run_id"], artifact_path=f"evidence/{OUTCOMES}",
+                                                   dst_path=str(tmp / "champion-evaluation"))
+    except Exception:  # an evaluation logged before the outcomes were: score them here
+        return None
+    timing = {"p50_ms", "p95_ms", "throughput_rps", "size_mb", "model_memory_mb", "peak_rss_mb"}  # timed here
+    return {**{k: v for k, v in done["metrics"].items() if k not in timing}, "outcomes": load_outcomes(Path(path))}
+
+
+def _judge_finalist(cfg, bench, result: dict, onnx: Path, name: str, tmp: Path, model_name: str, champion: dict,
+                    ctx):
     """The finalist and the champion on the evaluation split (read here only), and timed interleaved in rounds
     in this process: their metrics there and the paired gates."""
     import mlflow
@@ -435,10 +470,12 @@ def _judge_finalist(cfg, bench, result: dict, onnx: Path, name: str, tmp: Path, 
     from qat_tasks.promotion import evidence
 
 
-    # One ONNX Runtime session per model serves both the evaluation rows and the timing rounds.
+    # One ONNX Runtime session per model serves both the evaluation rows and the timing rounds. The champion's rows
+    # were scored by its evaluation task in this DAG run, on the same graph and rows: read, not scored again.
     cand_clf, champ_clf = bench._classifier(onnx), bench._classifier(bench.paths["onnx"])
-    rep_k, rep_c = (evaluate_classifier(clf, bench.splits, bench.role, cfg, timing=False, split="evaluation")
-                    for clf in (cand_clf, champ_clf))
+    rep_k = evaluate_classifier(cand_clf, bench.splits, bench.role, cfg, timing=False, split="evaluation")
+    rep_c = _champion_evaluation(cfg, bench, champion, ctx, tmp) or evaluate_classifier(
+        champ_clf, bench.splits, bench.role, cfg, timing=False, split="evaluation")
     ev = cfg.evaluation
     log.info("%s: finalist %s and the champion on %d evaluation rows; timing them interleaved in %d rounds",
              model_name, name, len(bench.splits["evaluation"]), ev.latency_rounds)

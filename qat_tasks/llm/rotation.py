@@ -1,0 +1,69 @@
+"""Rotations folded into the weights before 4-bit quantization: SpinQuant's R1 and R2 with random Hadamard matrices.
+
+R1 rotates the residual stream (the embeddings' and every block's output projections by R, every input projection
+and the LM head by R transposed; the RMSNorm scales are folded into the layers after them first), R2 the value and
+output projections of each attention head. Both are orthogonal and cancel in the forward pass, so the rotated model
+computes what the original does (checked on its logits here), while outlier channels are spread over many, which a
+4-bit grid fits better. Nothing is computed online: the rotated checkpoint is a plain one, and the quantized
+checkpoint made from it is a plain compressed-tensors checkpoint vLLM serves as it serves any other. What it changes:
+the LM head is untied from the embeddings (each carries its own rotation), so a tied model stores both.
+
+The rotated copy is written once next to the quantizer's chunks (atomic rename) and reused while its source and
+the rotation are the same; every chunk of a resumed run reads the same rotated weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ROTATIONS = ("spinquant",)
+MARKER = "rotated-from.json"
+
+
+def rotate(source: Path, out: Path, kind: str, digest: str, atol: float = 2e-3) -> Path:
+    """The checkpoint at `source` with rotation `kind` folded in, at `out` (reused when its marker names `digest`)."""
+    if kind not in ROTATIONS:
+        raise ValueError(f"rotation {kind!r}: expected one of {ROTATIONS}")
+    out = Path(out)
+    marker = out / MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("digest") == digest:
+        return out
+    from llmcompressor import oneshot
+    from llmcompressor.core.session_functions import create_session
+    from llmcompressor.modifiers.transform import SpinQuantModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qat_tasks.llm.quantize import _fx_wraps_released
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    probe = tokenizer("Is volume 3 of Chainsaw Man back in stock? My order MA-1234 has not arrived.",
+                      return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=probe).logits
+    with create_session(), _fx_wraps_released():
+        oneshot(model=model, recipe=[SpinQuantModifier(rotations=["R1", "R2"], transform_type="random-hadamard")])
+    model.config.tie_word_embeddings = False  # R1 gives the LM head and the embeddings different weights
+    with torch.no_grad():
+        after = model(input_ids=probe).logits
+    err = float((after - before).abs().max() / before.abs().max())
+    if err > atol:
+        raise RuntimeError(f"rotation {kind} changed the model's logits by {err:.2e} (relative): not an equivalent model")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / MARKER).write_text(json.dumps({"source": str(source), "rotation": kind, "digest": digest,
+                                          "max_rel_logit_change": err}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("rotated %s with %s (R1, R2; random Hadamard) into %s: logits within %.1e of the original", source.name,
+             kind, out, err)
+    return out
