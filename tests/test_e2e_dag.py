@@ -95,7 +95,8 @@ def test_mlflow_holds_runs_datasets_metrics_and_plots(dag_run, mlflow_client):
     exp = mlflow_client.get_experiment_by_name("mangaassist-intent-classifier")
     runs = mlflow_client.search_runs([exp.experiment_id], f"tags.`airflow.run_id` = '{dag_run.run_id}'")
     by_stage = {r.data.tags.get("stage", "parent"): r for r in runs}
-    required = {"parent", "bootstrap-champion", "evaluate-champion", "int8-candidate", "int8-decision"}
+    required = {"parent", "bootstrap-champion", "evaluate-champion", "int8-candidate", "int8-champion-selection",
+                "int8-decision"}
     # mixed precision runs only when no candidate passes (the tiny model's latency gate is noisy)
     assert required <= set(by_stage) <= required | {"int8-mixed-precision"}
     parent = by_stage["parent"]
