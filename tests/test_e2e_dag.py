@@ -41,6 +41,13 @@ def _xcom(dr, task_id):
         return [XComModel.deserialize_value(r) for r in sorted(rows, key=lambda r: r.map_index)]
 
 
+def _drop_alias(client, name: str, alias: str) -> None:
+    from qat_tasks.core import registry
+
+    if registry.alias_version(client, name, alias) is not None:
+        client.delete_registered_model_alias(name, alias)
+
+
 def _stage(value: dict) -> dict:
     """A task's result as its stage returned it: the task adds what it cost (`profile`)."""
     return {k: v for k, v in value.items() if k != "profile"}
@@ -312,6 +319,9 @@ def test_a_retried_int8_decision_keeps_the_version_an_earlier_attempt_registered
         raise RuntimeError("injected: the worker died after registering")
 
     monkeypatch.setattr(decision, "register_challenger", dies_after_registering)
+    # The same rows rebuild the graph @challenger already holds, which registers nothing: without the alias, this
+    # run's finalist is new to the registry.
+    _drop_alias(mlflow_client, name, "challenger")
     with pytest.raises(RuntimeError, match="injected"):
         pipeline.challenger_stage(lenient, run, cal, champion)
     monkeypatch.setattr(decision, "register_challenger", registered)
@@ -336,6 +346,9 @@ def test_the_llm_decision_registers_after_the_state_folder_is_lost(dag_run, mlfl
 
     run, cal = _another_run(dag_run, "-lost-state")
     decide = track._decide
+    # Another DAG run on the same rows finds @challenger holding the checkpoint it would register: without the alias,
+    # the finalist is new to the registry.
+    _drop_alias(mlflow_client, "mangaassist-fallback-llm", "challenger")
 
     def dies(*a, **k):
         raise RuntimeError("injected: the worker died before the decision")
@@ -388,18 +401,28 @@ def test_mixed_precision_runs_when_nothing_passes(dag_run, mlflow_client, tiny_c
     (run,) = _xcom(dag_run, "plan")
     (cal,) = _xcom(dag_run, "refresh_calibration")
     champion = _of(dag_run, "ensure_champion")
-    run = {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + "-impossible"}}
-    g = tiny_config.gates.intent_classifier.model_copy(update={"max_p95_ratio": 1e-6})
     m = tiny_config.models[0]
     model = m.model_copy(update={"quantization": m.quantization.model_copy(update={
         "candidates": ("ptq_dynamic",), "max_fp32_units": 2})})
-    impossible = tiny_config.model_copy(update={"gates": tiny_config.gates.model_copy(update={"intent_classifier": g}),
-                                                "models": (model, *tiny_config.models[1:])})
-    decision = pipeline.challenger_stage(impossible, run, cal, champion)
-    assert decision["registered_version"] is None and "p95_ratio" in decision["why"]["ptq_dynamic"]
     exp = mlflow_client.get_experiment_by_name("mangaassist-intent-classifier")
+
+    def impossible(gate: str, value: float, suffix: str):
+        g = tiny_config.gates.intent_classifier.model_copy(update={gate: value})
+        cfg = tiny_config.model_copy(update={"gates": tiny_config.gates.model_copy(update={"intent_classifier": g}),
+                                             "models": (model, *tiny_config.models[1:])})
+        r = {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + suffix}}
+        return pipeline.challenger_stage(cfg, r, cal, champion), r["ctx"]["run_id"]
+
+    # A latency the champion cannot be beaten by: keeping layers in FP32 only slows a candidate, so it is not tried.
+    decision, run_id = impossible("max_p95_ratio", 1e-6, "-too-slow")
+    assert decision["registered_version"] is None and "p95_ratio" in decision["why"]["ptq_dynamic"]
+    assert not mlflow_client.search_runs([exp.experiment_id], f"tags.stage = 'int8-mixed-precision' and "
+                                                               f"tags.`airflow.run_id` = '{run_id}'")
+    # An accuracy gain no candidate makes: the fallback is tried up to its limit, and fails.
+    decision, run_id = impossible("max_accuracy_drop_pts", -100.0, "-impossible")
+    assert decision["registered_version"] is None and "accuracy" in decision["why"]["ptq_dynamic"]
     (mixed,) = mlflow_client.search_runs([exp.experiment_id], f"tags.stage = 'int8-mixed-precision' and "
-                                                               f"tags.`airflow.run_id` = '{run['ctx']['run_id']}'")
+                                                               f"tags.`airflow.run_id` = '{run_id}'")
     assert mixed.data.tags["mixed_precision.outcome"] == "no pass with up to 2 FP32 units"
     arts = {a.path for a in mlflow_client.list_artifacts(mixed.info.run_id)}
     assert "sensitivity.json" in arts

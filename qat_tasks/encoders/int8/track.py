@@ -311,7 +311,9 @@ def _mixed_precision(cfg, model_name, bench, results, champ, exp_id, key, tags, 
     recipe = bench.recipe(base, tmp)
     reference = bench.reference(bench.trained[qat_variant(base)][3]) if base.startswith("qat") else None
     mtags = {**tags, "stage": "int8-mixed-precision", "candidate": base}
-    content = tracking.content_key("int8-mixed-precision", base, results[base]["metrics"], champ, *inputs)
+    # The search stops at the first fallback that passes the gates: they are among its inputs.
+    content = tracking.content_key("int8-mixed-precision", base, results[base]["metrics"], champ,
+                                   cfg.gates.model_dump(), *inputs)
     reused = tracking.reuse(cfg, exp_id, key, content, f"int8 mixed precision ({base})", mtags,
                             champion["parent_run_id"])
     if reused is not None:
