@@ -288,7 +288,8 @@ def test_spec_defaults_follow_the_method():
     assert QuantSpec("awq").symmetric is False and QuantSpec("awq").actorder is None
     assert QuantSpec("gptq").symmetric is True and QuantSpec("gptq").actorder == "static"
     assert QuantSpec("rtn", symmetric=False).symmetric is False
-    assert lq.METHODS == ("rtn", "awq", "gptq")
+    assert lq.METHODS == ("rtn", "awq", "gptq", "autoround")
+    assert QuantSpec("rtn").calibrated is False and QuantSpec("rtn", observer="imatrix").calibrated is True
 
 
 @pytest.mark.parametrize(("keep", "message"), [

@@ -51,6 +51,9 @@ class EscalationGates(Strict):
 class LlmGates(Strict):
     max_perplexity_increase_rel: float = 0.05
     max_routing_accuracy_drop_pts: float = 2.0
+    # The memory the 4-bit model may take: stored bits per decoder-layer weight (scales and zero points included),
+    # read off the candidate's checkpoint. None: no limit.
+    max_average_bits: float | None = Field(default=None, gt=1)
 
 
 class GatesConfig(Strict):

@@ -205,32 +205,57 @@ class RoleDataConfig(Strict):
         return self
 
 
-LlmMethod = Literal["rtn", "awq", "gptq"]
+LlmMethod = Literal["rtn", "awq", "gptq", "autoround"]
 
 
 class LlmCandidate(Strict):
-    """One 4-bit candidate: a method, the text it calibrates on, and blocks kept at 16-bit (mixed precision)."""
+    """One 4-bit candidate: a method, the text it calibrates on, what is done to the weights first, how their ranges
+    are found, and which layers keep more bits (by measurement, under a budget, or whole blocks at 16-bit)."""
 
     method: LlmMethod
-    # domain: the refreshed MangaAssist conversations; generic: gensim's Wikipedia/news text (the comparison);
-    # none: round-to-nearest needs no data.
-    calibration: Literal["domain", "generic", "none"] = "domain"
+    # domain: the refreshed MangaAssist conversations; generic: gensim's Wikipedia/news text; both: the two sets
+    # together (a model that must keep its general language as well as learn the shop's); none: round-to-nearest
+    # with min/max ranges needs no data.
+    calibration: Literal["domain", "generic", "both", "none"] = "domain"
+    # spinquant: R1/R2 random-Hadamard rotations folded into the weights first (qat_tasks.llm.rotation).
+    rotation: Literal["none", "spinquant"] = "none"
+    # imatrix: weight ranges that minimise the error weighted by each input channel's mean square on the calibration
+    # text (llm-compressor's importance-weighted observer); it makes calibration text necessary for any method.
+    observer: Literal["minmax", "imatrix"] = "minmax"
+    symmetric: bool | None = None  # None: the track's default for the method
+    group_size: Literal[32, 64, 128] | None = None  # None: the track's
+    # Mixed precision by measurement: the most sensitive layers get `llm.high_bits` while the stored bits per
+    # decoder-layer weight (scales and zero points included) stay at most this (qat_tasks.llm.bit_allocation).
+    average_bits: float | None = Field(default=None, gt=4, le=16)
     # Decoder blocks kept unquantized, by index (negative counts from the end: -1 is the last block).
     keep_blocks: tuple[int, ...] = ()
 
     @model_validator(mode="after")
     def _calibration_fits(self) -> LlmCandidate:
-        if self.method == "rtn" and self.calibration != "none":
-            raise ValueError(f"calibration {self.calibration!r}: rtn (round-to-nearest) takes no calibration data; "
-                             f"write calibration: none")
-        if self.method != "rtn" and self.calibration == "none":
-            raise ValueError(f"calibration 'none': {self.method} needs calibration text (domain or generic)")
+        needs_text = self.method != "rtn" or self.observer != "minmax" or self.average_bits is not None
+        if not needs_text and self.calibration != "none":
+            raise ValueError(f"calibration {self.calibration!r}: rtn (round-to-nearest) with min/max ranges takes no "
+                             f"calibration data; write calibration: none")
+        if needs_text and self.calibration == "none":
+            what = self.method if self.method != "rtn" else ("the imatrix observer" if self.observer != "minmax"
+                                                             else "the bit allocator (average_bits)")
+            raise ValueError(f"calibration 'none': {what} needs calibration text (domain or generic)")
         return self
 
     @property
     def key(self) -> str:
-        """A stable short name: awq-domain, gptq-generic, awq-domain-keep0_-1, rtn."""
-        name = self.method if self.method == "rtn" else f"{self.method}-{self.calibration}"
+        """A stable short name: awq-domain, gptq-generic-spinquant-asym-g64-mixed5.5, awq-domain-keep0_-1, rtn."""
+        name = self.method if self.calibration == "none" else f"{self.method}-{self.calibration}"
+        if self.rotation != "none":
+            name += f"-{self.rotation}"
+        if self.observer != "minmax":
+            name += f"-{self.observer}"
+        if self.symmetric is not None:
+            name += "-sym" if self.symmetric else "-asym"
+        if self.group_size is not None:
+            name += f"-g{self.group_size}"
+        if self.average_bits is not None:
+            name += f"-mixed{self.average_bits:g}"
         return name + (f"-keep{'_'.join(str(b) for b in self.keep_blocks)}" if self.keep_blocks else "")
 
 
@@ -250,6 +275,13 @@ class LlmTrackConfig(Strict):
     gptq_dampening: float = Field(default=0.01, gt=0, lt=1)
     rtn_symmetric: bool = False
     awq_n_grid: int = Field(default=20, ge=4, le=100)  # duo scaling halves it: at least 2 points each
+    autoround_iters: int = Field(default=200, ge=1)  # signed-gradient steps per decoder block
+    # The more precise format of mixed-precision candidates: 8-bit weights in groups of this size.
+    high_bits: Literal[8] = 8
+    high_group_size: Literal[32, 64, 128] = 128
+    # What the checkpoint stores its scales, embeddings and LM head in: "source" keeps the model's dtype (Llama 3
+    # 8B: bfloat16); a model loaded in fp32 is served at 16 bits, so its checkpoint should be too.
+    checkpoint_dtype: Literal["source", "float16", "bfloat16"] = "source"
     # Calibration: this many samples of at most max_seq_len tokens (conversations come from the calibration
     # version, count set by calibration.llm_conversations).
     calibration_samples: int = Field(default=128, ge=1)

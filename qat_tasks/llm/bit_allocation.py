@@ -188,3 +188,23 @@ def stored_bits(checkpoint: Path) -> dict:
     return {"average_bits": 8 * stored / weights, "decoder_weights": weights, "decoder_bytes": stored,
             "embeddings_and_head_bytes": other, "tied_embeddings": bool(config.get("tie_word_embeddings")),
             "per_layer": {k: round(8 * v["bytes"] / v["weights"], 4) for k, v in sorted(per_layer.items())}}
+
+
+def chart(rows: list[dict], title: str):
+    """Sensitivity per layer group, block by block, coloured by the bits it got."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(8, 0.09 * len(rows)), 4))
+    colours = ["tab:red" if r["bits"] > 4 else "tab:blue" for r in rows]
+    ax.bar(range(len(rows)), [r["sensitivity"] for r in rows], color=colours)
+    ticks = [i for i, r in enumerate(rows) if i == 0 or rows[i - 1]["block"] != r["block"]]
+    ax.set_xticks(ticks, [str(rows[i]["block"]) for i in ticks], fontsize=7)
+    ax.set_xlabel("decoder block (each bar a layer group: q/k/v, o, gate/up, down); red: 8-bit, blue: 4-bit")
+    ax.set_ylabel("sensitivity (block ppl increase % x error share)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -36,6 +36,8 @@ class QuantResult:
     spec_hash: str = ""
     reused: bool = False  # output_dir already held this exact checkpoint: nothing was done
     verify_rel_err: float | None = None  # |reloaded - in-memory logits| / |in-memory logits|
+    bits: dict[str, int] | None = None  # quantized Linear -> bits, when they differ (mixed precision)
+    allocation: list[dict] | None = None  # the bit allocator's table (sensitivity and bits per layer group)
 
 
 def load_quantized(path):
@@ -52,7 +54,8 @@ def load_quantized(path):
 
 
 def write_checkpoint(source: Path, n_chunks: int, group_sizes: dict[str, int], kept: list[str], groups: dict,
-                     recipe: list, work_dir: Path, tokenizer, output_dir: Path, result: QuantResult, verify: bool) -> None:
+                     recipe: list, work_dir: Path, tokenizer, output_dir: Path, result: QuantResult, verify: bool,
+                     save_dtype: torch.dtype | None = None) -> None:
     """Assemble the checkpoint from the chunk files: the unquantized model with the chunks' tensors, the
     quantization scheme `groups` attached, the saved scales and zero points put back (so packing rounds the
     weights exactly as calibration did), saved compressed with `recipe`, verified, then renamed into place."""
@@ -65,7 +68,7 @@ def write_checkpoint(source: Path, n_chunks: int, group_sizes: dict[str, int], k
     from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
 
     model = load_model(source, torch.float32)
-    save_dtype = source_dtype(model.config)
+    save_dtype = save_dtype or source_dtype(model.config)  # what the unquantized tensors and the scales are stored in
     qparams: dict[str, torch.Tensor] = {}
     for k in range(n_chunks):  # one chunk in memory at a time
         tensors = read_chunk(work_dir / f"chunk-{k:03d}.safetensors")

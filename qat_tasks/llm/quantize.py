@@ -53,6 +53,7 @@ from qat_tasks.llm.checkpoint import (
     load_weights,
     read_chunk,
     save_atomic,
+    source_dtype,
     stage_source,
     write_checkpoint,
     write_manifest,
@@ -111,7 +112,18 @@ def _gptq(spec: QuantSpec, groups: dict, ignore: list[str]) -> list:
                          dampening_frac=spec.dampening_frac)]
 
 
+@register("autoround", calibrated=True, symmetric=False)
+def _autoround(spec: QuantSpec, groups: dict, ignore: list[str]) -> list:
+    """AutoRound: rounding offsets and clipping learned per block by signed gradient descent on the block's output
+    error (Cheng et al., 2024); torch.compile off, which costs more than it saves on a CPU."""
+    from llmcompressor.modifiers.autoround import AutoRoundModifier
+
+    return [AutoRoundModifier(config_groups=groups, ignore=ignore, iters=spec.autoround_iters,
+                              enable_torch_compile=False, batch_size=spec.autoround_batch_size)]
+
+
 METHODS = tuple(_METHODS)
+OBSERVERS = {"minmax": None, "imatrix": "imatrix_mse"}  # weight ranges: min/max (the default), or importance-weighted MSE
 
 
 # ---------------------------------------------------------------- spec and result
@@ -129,6 +141,22 @@ class QuantSpec:
     awq_duo_scaling: bool | str = "both"
     max_seq_len: int = 256  # calibration texts are truncated to this many tokens
     chunk_layers: int = 8  # decoder layers per resumable chunk
+    # What happens to the weights before quantization: "spinquant" folds R1/R2 rotations in (qat_tasks.llm.rotation).
+    rotation: str | None = None
+    # Weight ranges: "minmax", or "imatrix" (MSE weighted by each input channel's mean square on the calibration
+    # text, which then becomes necessary for every method).
+    observer: str = "minmax"
+    autoround_iters: int = 50
+    autoround_batch_size: int = 8
+    # Mixed precision: with `average_bits`, the bit allocator (qat_tasks.llm.bit_allocation) gives `high_bits` to the
+    # most sensitive layers (per-block perplexity increases in `block_sensitivity`, per-layer output error on the
+    # calibration text) while the stored bits per decoder-layer weight stay within the budget.
+    average_bits: float | None = None
+    high_bits: int = 8
+    high_group_size: int = 128
+    block_sensitivity: tuple[tuple[int, float], ...] = ()
+    # The dtype the checkpoint stores its scales and unquantized tensors in: None keeps the source's.
+    save_dtype: str | None = None
 
     def __post_init__(self):
         def bad(name: str, why: str):
@@ -168,12 +196,37 @@ class QuantSpec:
             bad("max_seq_len", "expected an int >= 1")
         if not (isinstance(self.chunk_layers, int) and self.chunk_layers >= 1):
             bad("chunk_layers", "expected an int >= 1")
+        from qat_tasks.llm.rotation import ROTATIONS
 
-    def weight_args(self, group_size: int):
+        if self.rotation is not None and self.rotation not in ROTATIONS:
+            bad("rotation", f"expected None or one of {ROTATIONS}")
+        if self.observer not in OBSERVERS:
+            bad("observer", f"expected one of {tuple(OBSERVERS)}")
+        if self.average_bits is not None:
+            if self.high_bits not in (4, 8) or self.high_bits <= self.bits:
+                bad("high_bits", f"expected 8 above {self.bits}-bit weights")
+            if self.high_group_size not in VLLM_GROUP_SIZES:
+                bad("high_group_size", f"expected one of {VLLM_GROUP_SIZES}")
+            if not self.block_sensitivity:
+                bad("block_sensitivity", "mixed precision needs the per-block sensitivity of the unquantized model")
+        if self.save_dtype not in (None, "float16", "bfloat16", "float32"):
+            bad("save_dtype", "expected None, float16, bfloat16 or float32")
+        object.__setattr__(self, "block_sensitivity", tuple(sorted((int(b), float(v))
+                                                                   for b, v in self.block_sensitivity)))
+
+    @property
+    def calibrated(self) -> bool:
+        """Needs calibration text: the method's own need, or the importance-weighted observer's, or the allocator's."""
+        return _METHODS[self.method].calibrated or self.observer != "minmax" or self.average_bits is not None
+
+    def weight_args(self, group_size: int, bits: int | None = None):
+        """The weight format of a layer. 8-bit weights are always symmetric: vLLM's Marlin kernels take zero points
+        for 4-bit weights only, and an asymmetric 8-bit checkpoint loads and then fails in its first forward pass."""
         from compressed_tensors.quantization import QuantizationArgs
 
-        return QuantizationArgs(num_bits=self.bits, type="int", symmetric=self.symmetric, strategy="group",
-                                group_size=group_size, actorder=self.actorder)
+        bits = bits or self.bits
+        return QuantizationArgs(num_bits=bits, type="int", symmetric=self.symmetric or bits == 8, strategy="group",
+                                group_size=group_size, actorder=self.actorder, observer=OBSERVERS[self.observer])
 
 
 # ---------------------------------------------------------------- public entry points
@@ -196,9 +249,10 @@ def quantize(model_dir, spec: QuantSpec, calibration_texts: list[str], output_di
     work_dir.mkdir(parents=True, exist_ok=True)
     source = stage_source(model_dir, work_dir / "source")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
-    samples = _tokenize(tokenizer, calibration_texts, spec.max_seq_len) if method.calibrated else []
-    if method.calibrated and not samples:
-        raise ValueError(f"calibration_texts: method {spec.method!r} needs at least one non-empty text")
+    samples = _tokenize(tokenizer, calibration_texts, spec.max_seq_len) if spec.calibrated else []
+    if spec.calibrated and not samples:
+        raise ValueError(f"calibration_texts: {spec.method!r} with observer {spec.observer!r} and average_bits "
+                         f"{spec.average_bits} needs at least one non-empty text")
     digest = _digest(spec, source, tokenizer, samples)
 
     if (done := finished(output_dir, digest)) is not None:
@@ -206,10 +260,18 @@ def quantize(model_dir, spec: QuantSpec, calibration_texts: list[str], output_di
         return dataclasses.replace(done, wall_s=time.perf_counter() - t0, chunks_resumed=done.chunks_total,
                                    reused=True)
 
+    if spec.rotation is not None:  # every later step (allocation, chunks, the checkpoint) reads the rotated weights
+        from qat_tasks.llm.rotation import rotate
+
+        source = rotate(source, work_dir / f"rotated-{spec.rotation}", spec.rotation,
+                        _digest(dataclasses.replace(spec, average_bits=None, block_sensitivity=()), source,
+                                tokenizer, []))
     plan = _plan(source, spec)
+    if spec.average_bits is not None:
+        plan.bits, plan.allocation = _allocate(source, spec, samples, plan)
     (work_dir / "manifest.json").write_text(json.dumps(
         {"spec_hash": digest, "spec": asdict(spec), "model_dir": str(model_dir), "chunks_total": plan.n_chunks,
-         "group_sizes": plan.group_sizes, "kept": plan.kept}, indent=1))
+         "group_sizes": plan.group_sizes, "bits": plan.bits, "kept": plan.kept}, indent=1))
     resumed = 0
     with _quiet(not progress), _pin_memory_noop_on_cpu():
         for k in range(plan.n_chunks):
@@ -224,10 +286,11 @@ def quantize(model_dir, spec: QuantSpec, calibration_texts: list[str], output_di
             if on_chunk_done is not None:
                 on_chunk_done(k, plan.n_chunks)
         result = QuantResult(str(output_dir), spec.method, 0.0, 0.0, plan.group_sizes, plan.kept, plan.n_chunks,
-                             resumed, 0, digest)
-        groups = _config_groups(spec, plan.group_sizes, compact=True)
+                             resumed, 0, digest, bits=plan.bits, allocation=plan.allocation)
+        groups = _config_groups(spec, plan.group_sizes, compact=True, bits=plan.bits)
         write_checkpoint(source, plan.n_chunks, plan.group_sizes, plan.kept, groups,
-                         method.recipe(spec, groups, plan.kept), work_dir, tokenizer, output_dir, result, verify)
+                         method.recipe(spec, groups, plan.kept), work_dir, tokenizer, output_dir, result, verify,
+                         getattr(torch, spec.save_dtype) if spec.save_dtype else None)
     result.wall_s = time.perf_counter() - t0
     result.peak_rss_mb = resources.peak_rss_mb()
     write_manifest(output_dir, result)  # final timings; the checkpoint was already complete
@@ -244,6 +307,8 @@ class _Plan:
     n_layers: int
     n_chunks: int
     chunk_layers: int
+    bits: dict[str, int] = dataclasses.field(default_factory=dict)  # quantized module -> bits (mixed precision)
+    allocation: list[dict] = dataclasses.field(default_factory=list)  # the allocator's table
 
     def layers_needed(self, k: int) -> int:
         """Chunk k is calibrated on the model truncated after its last layer: later layers cannot
@@ -282,7 +347,40 @@ def _plan(source: Path, spec: QuantSpec) -> _Plan:
     n_chunks = math.ceil(n_layers / spec.chunk_layers)
     layer_of = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
     chunk_of = {n: int(m[1]) // spec.chunk_layers if (m := layer_of.match(n)) else n_chunks - 1 for n in group_sizes}
-    return _Plan(group_sizes, kept, chunk_of, n_layers, n_chunks, spec.chunk_layers)
+    return _Plan(group_sizes, kept, chunk_of, n_layers, n_chunks, spec.chunk_layers, {n: spec.bits for n in group_sizes})
+
+
+def _allocate(source: Path, spec: QuantSpec, samples: list[dict], plan: _Plan) -> tuple[dict[str, int], list[dict]]:
+    """Bits per quantized layer from the bit allocator, measured on the (rotated) source and the calibration text;
+    the high-bit layers get `high_group_size` where it divides their width."""
+    from qat_tasks.llm import bit_allocation as ba
+
+    model = load_model(source, torch.float32)
+    # Scales are stored in the checkpoint's dtype: what a scale costs per group.
+    scale_bits = torch.finfo(getattr(torch, spec.save_dtype) if spec.save_dtype else source_dtype(model.config)).bits
+    low = ba.Scheme(spec.bits, spec.group_size, spec.symmetric, scale_bits)
+    high = ba.Scheme(spec.high_bits, spec.high_group_size, True, scale_bits)  # symmetric: see QuantSpec.weight_args
+    units = [u for u in ba.units_of(model) if all(n in plan.group_sizes for n in u.names)]
+    errors = ba.layer_errors(model, samples, low)
+    del model
+    gc.collect()
+    ba.score(units, errors, dict(spec.block_sensitivity))
+    bits, average = ba.allocate(units, low, high, spec.average_bits)
+    for name, b in bits.items():
+        if b == spec.high_bits:
+            plan.group_sizes[name] = effective_group_size(int(_in_features(source, name)), spec.high_group_size)
+    chosen = sum(b == spec.high_bits for b in bits.values())
+    log.info("bit allocation: %d of %d layers at %d-bit, %.3f stored bits per decoder weight (budget %.2f)", chosen,
+             len(bits), spec.high_bits, average, spec.average_bits)
+    return {**plan.bits, **bits}, ba.table(units, bits)
+
+
+def _in_features(source: Path, name: str) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    return model.get_submodule(name).in_features
 
 
 def _group_size(name: str, in_features: int, requested: int) -> int:
@@ -293,26 +391,28 @@ def _group_size(name: str, in_features: int, requested: int) -> int:
                          f"size vLLM supports divides; add it to QuantSpec.keep") from None
 
 
-def _config_groups(spec: QuantSpec, group_sizes: dict[str, int], compact: bool) -> dict:
-    """One compressed-tensors scheme per group size. Chunks target exact module names; the final config
-    targets leaf names (`re:(^|.*\\.)q_proj$`) where every module with that leaf shares a group size, so
-    config.json stays short. Kept modules are excluded through the config's ignore list."""
+def _config_groups(spec: QuantSpec, group_sizes: dict[str, int], compact: bool,
+                   bits: dict[str, int] | None = None) -> dict:
+    """One compressed-tensors scheme per (bits, group size). Chunks target exact module names; the final config
+    targets leaf names (`re:(^|.*\\.)q_proj$`) where every module with that leaf shares a format, so config.json
+    stays short. Kept modules are excluded through the config's ignore list."""
     from compressed_tensors.quantization import QuantizationScheme
 
-    by_leaf: dict[str, set[int]] = {}
-    for name, g in group_sizes.items():
-        by_leaf.setdefault(name.rsplit(".", 1)[-1], set()).add(g)
-    targets: dict[int, list[str]] = {}
-    for name, g in group_sizes.items():
+    fmt = {n: ((bits or {}).get(n, spec.bits), g) for n, g in group_sizes.items()}
+    by_leaf: dict[str, set[tuple[int, int]]] = {}
+    for name, f in fmt.items():
+        by_leaf.setdefault(name.rsplit(".", 1)[-1], set()).add(f)
+    targets: dict[tuple[int, int], list[str]] = {}
+    for name, f in fmt.items():
         leaf = name.rsplit(".", 1)[-1]
         if compact and len(by_leaf[leaf]) == 1:
             target = rf"re:(^|.*\.){re.escape(leaf)}$"
         else:
             target = rf"re:^{re.escape(name)}$"
-        if target not in targets.setdefault(g, []):
-            targets[g].append(target)
-    return {f"group_g{g}": QuantizationScheme(targets=t, weights=spec.weight_args(g))
-            for g, t in sorted(targets.items(), reverse=True)}
+        if target not in targets.setdefault(f, []):
+            targets[f].append(target)
+    return {(f"group_g{g}" if b == spec.bits else f"group_w{b}_g{g}"): QuantizationScheme(
+                targets=t, weights=spec.weight_args(g, b)) for (b, g), t in sorted(targets.items(), reverse=True)}
 
 
 # ---------------------------------------------------------------- per-chunk calibration
@@ -335,8 +435,10 @@ def _calibrate_chunk(k: int, source: Path, spec: QuantSpec, plan: _Plan, samples
     owned = tuple(f"{n}." for n in targets)
     before = {n: fingerprint(p) for n, p in model.named_parameters() if not n.startswith(owned)}
 
-    recipe = _METHODS[spec.method].recipe(spec, _config_groups(spec, targets, compact=False), [])
-    _oneshot(model, tokenizer, samples, recipe)
+    recipe = _METHODS[spec.method].recipe(spec, _config_groups(spec, targets, compact=False, bits=plan.bits), [])
+    # The allocator alone may have asked for calibration text: round-to-nearest with min/max ranges does not read it.
+    needs_data = _METHODS[spec.method].calibrated or spec.observer != "minmax"
+    _oneshot(model, tokenizer, samples if needs_data else [], recipe)
 
     out = {}
     for name in targets:

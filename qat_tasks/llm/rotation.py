@@ -27,7 +27,7 @@ ROTATIONS = ("spinquant",)
 MARKER = "rotated-from.json"
 
 
-def rotate(source: Path, out: Path, kind: str, digest: str, atol: float = 2e-3) -> Path:
+def rotate(source: Path, out: Path, kind: str, digest: str, atol: float = 1e-4) -> Path:
     """The checkpoint at `source` with rotation `kind` folded in, at `out` (reused when its marker names `digest`)."""
     if kind not in ROTATIONS:
         raise ValueError(f"rotation {kind!r}: expected one of {ROTATIONS}")
@@ -48,8 +48,18 @@ def rotate(source: Path, out: Path, kind: str, digest: str, atol: float = 2e-3) 
                       return_tensors="pt")["input_ids"]
     with torch.no_grad():
         before = model(input_ids=probe).logits
+    norms = {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Norm")}
+    if not norms or not all("RMSNorm" in n for n in norms):
+        raise ValueError(f"rotation {kind}: folded rotations need RMSNorm throughout; this model has {sorted(norms)}")
+
+    class FoldedRotations(SpinQuantModifier):
+        def _center_embeddings(self, model):
+            # Centring the embeddings is an identity only before LayerNorm; before RMSNorm it moves the logits (up
+            # to 5 % on SmolLM2, measured). Without it the rotated model matches the original to float precision.
+            return None
+
     with create_session(), _fx_wraps_released():
-        oneshot(model=model, recipe=[SpinQuantModifier(rotations=["R1", "R2"], transform_type="random-hadamard")])
+        oneshot(model=model, recipe=[FoldedRotations(rotations=["R1", "R2"], transform_type="random-hadamard")])
     model.config.tie_word_embeddings = False  # R1 gives the LM head and the embeddings different weights
     with torch.no_grad():
         after = model(input_ids=probe).logits
@@ -60,6 +70,12 @@ def rotate(source: Path, out: Path, kind: str, digest: str, atol: float = 2e-3) 
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    # llm-compressor's save describes the (already folded) transforms as a compressed-tensors config, which would
+    # make transformers look for quantized weights on load: the rotated checkpoint is a plain one.
+    config = json.loads((tmp / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "recipe.yaml").unlink(missing_ok=True)
     (tmp / MARKER).write_text(json.dumps({"source": str(source), "rotation": kind, "digest": digest,
                                           "max_rel_logit_change": err}))
     shutil.rmtree(out, ignore_errors=True)

@@ -64,6 +64,11 @@ class LlmData:
             raise ValueError("no judging texts were loaded")
         return self.judge
 
+    def calibration_texts(self, which: str) -> list[str]:
+        """The calibration texts a candidate names: domain, generic, both (domain first), or none."""
+        return {"domain": self.domain_calibration, "generic": self.generic_calibration,
+                "both": self.domain_calibration + self.generic_calibration, "none": []}[which]
+
     def describe(self) -> dict:
         return {"calibration.domain_texts": len(self.domain_calibration),
                 "calibration.generic_texts": len(self.generic_calibration),
@@ -182,7 +187,9 @@ def _jsonable(obj):
     return obj
 
 
-def quant_spec(tc: LlmTrackConfig, cand: LlmCandidate, num_layers: int):
+def quant_spec(tc: LlmTrackConfig, cand: LlmCandidate, num_layers: int, block_sensitivity: dict | None = None):
+    """The quantizer's spec of a candidate; `block_sensitivity` ({block index: perplexity increase %}, from the
+    unquantized step) is what a mixed-precision candidate's allocator reads."""
     from qat_tasks.llm.quantize import QuantSpec
 
     keep = ["lm_head"] if tc.keep_lm_head else []
@@ -191,11 +198,21 @@ def quant_spec(tc: LlmTrackConfig, cand: LlmCandidate, num_layers: int):
         if not 0 <= idx < num_layers:
             raise ValueError(f"keep_blocks: block {b} does not exist in a model of {num_layers} blocks")
         keep.append(rf"re:model\.layers\.{idx}\.")
-    symmetric = {"awq": tc.awq_symmetric, "gptq": tc.gptq_symmetric, "rtn": tc.rtn_symmetric}[cand.method]
-    return QuantSpec(method=cand.method, bits=tc.bits, group_size=tc.group_size, symmetric=symmetric,
-                     actorder=tc.gptq_actorder if cand.method == "gptq" else None, keep=tuple(keep),
-                     dampening_frac=tc.gptq_dampening, awq_n_grid=tc.awq_n_grid, max_seq_len=tc.max_seq_len,
-                     chunk_layers=tc.chunk_layers)
+    symmetric = cand.symmetric if cand.symmetric is not None else {
+        "awq": tc.awq_symmetric, "gptq": tc.gptq_symmetric, "rtn": tc.rtn_symmetric, "autoround": False}[cand.method]
+    if cand.average_bits is not None and not block_sensitivity:
+        raise ValueError(f"candidate {cand.key}: mixed precision reads the per-block sensitivity; turn "
+                         f"llm.sensitivity on")
+    return QuantSpec(method=cand.method, bits=tc.bits, group_size=cand.group_size or tc.group_size,
+                     symmetric=symmetric, actorder=tc.gptq_actorder if cand.method == "gptq" else None,
+                     keep=tuple(keep), dampening_frac=tc.gptq_dampening, awq_n_grid=tc.awq_n_grid,
+                     max_seq_len=tc.max_seq_len, chunk_layers=tc.chunk_layers,
+                     rotation=None if cand.rotation == "none" else cand.rotation, observer=cand.observer,
+                     autoround_iters=tc.autoround_iters, average_bits=cand.average_bits, high_bits=tc.high_bits,
+                     high_group_size=tc.high_group_size,
+                     block_sensitivity=tuple(sorted((block_sensitivity or {}).items()))
+                     if cand.average_bits is not None else (),
+                     save_dtype=None if tc.checkpoint_dtype == "source" else tc.checkpoint_dtype)
 
 
 def headline(m: dict) -> str:
@@ -271,14 +288,15 @@ def build_llm_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: 
             results[cand.key] = done
             continue
         ctags = {**tags, "stage": "llm-candidate", "candidate": cand.key}
-        content = tracking.content_key("llm-candidate", cand.model_dump(), *inputs)
+        content = tracking.content_key("llm-candidate", cand.model_dump(), base.get("block_sensitivity"), *inputs)
         reused = tracking.reuse(cfg, exp_id, key, content, f"w{tc.bits} {cand.key}", ctags, parent)
         if reused is not None:
             results[cand.key] = reused
             continue
         results[cand.key], _ = isolation.run(_measure_candidate, cfg, model_name, cand, base_dir, data, num_layers,
                                              work_root, exp_id, key, {**ctags, tracking.CONTENT_KEY: content}, parent,
-                                             progress, task=f"{model_name}: {cand.key}", isolate=isolate)
+                                             progress, base.get("block_sensitivity"),
+                                             task=f"{model_name}: {cand.key}", isolate=isolate)
 
     # 3. Decision.
     with tracking.stage_run(exp_id, decision_key, f"w{tc.bits}-decision", {**tags, "stage": "llm-decision"},
@@ -297,6 +315,7 @@ def _measure_unquantized(cfg: PipelineConfig, model_name: str, base_dir: Path, d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from qat_tasks.llm import bit_allocation
     from qat_tasks.llm import model as llm_model
     from qat_tasks.llm import sensitivity as llm_sensitivity
 
@@ -308,6 +327,7 @@ def _measure_unquantized(cfg: PipelineConfig, model_name: str, base_dir: Path, d
         res = evaluate(model, AutoTokenizer.from_pretrained(base_dir), data, tc)
         res["metrics"]["size_mb"] = resources.dir_size_bytes(base_dir) / 1e6
         res["metrics"]["params_m"] = llm_model.param_count(base_dir) / 1e6
+        res["metrics"]["average_bits"] = bit_allocation.stored_bits(base_dir)["average_bits"]
         mlflow.log_params({"source": mcfg.source, "local_dir": str(base_dir), **data.describe()})
         _log_eval(res)
         base = {"metrics": res["metrics"], "generations": res["generations"]}
@@ -322,6 +342,9 @@ def _measure_unquantized(cfg: PipelineConfig, model_name: str, base_dir: Path, d
             mlflow.log_figure(fig, "plots/sensitivity.png")
             plots.close(fig)
             base["sensitivity_top"] = report["most_sensitive"][:5]
+            # What mixed-precision candidates allocate bits by: each block's perplexity increase alone at 4 bits.
+            base["block_sensitivity"] = {int(r["unit"].split()[1]): r["increase_pct"] for r in report["rows"]
+                                         if r["unit"].startswith("block ")}
             log.info("%s: most sensitive to %d-bit weights: %s", model_name, tc.bits, report["most_sensitive"][:5])
         tracking.set_result(base)
     return base
@@ -329,18 +352,18 @@ def _measure_unquantized(cfg: PipelineConfig, model_name: str, base_dir: Path, d
 
 def _measure_candidate(cfg: PipelineConfig, model_name: str, cand: LlmCandidate, base_dir: Path, data: LlmData,
                        num_layers: int, work_root: Path, exp_id: str, key: str, tags: dict, parent: str,
-                       progress: bool) -> dict:
+                       progress: bool, block_sensitivity: dict | None = None) -> dict:
     """Quantize one candidate (resumable chunk by chunk) and measure it on the selection texts: its own stage run,
     with its quantization time and the peak memory of the process that made and measured it."""
     import mlflow
 
-    from qat_tasks.llm import checkpoint
+    from qat_tasks.llm import bit_allocation, checkpoint
     from qat_tasks.llm import quantize as llm_quantize
 
     tracking.configure(cfg)
     tc = cfg.model(model_name).llm_track
-    spec = quant_spec(tc, cand, num_layers)
-    texts = {"domain": data.domain_calibration, "generic": data.generic_calibration, "none": []}[cand.calibration]
+    spec = quant_spec(tc, cand, num_layers, block_sensitivity)
+    texts = data.calibration_texts(cand.calibration)
     with tracking.stage_run(exp_id, key, f"w{tc.bits} {cand.key}", tags, parent) as run:
         mlflow.log_params({"candidate": cand.key, "method": cand.method, "calibration": cand.calibration,
                            "keep_blocks": list(cand.keep_blocks), "calibration_texts": len(texts),
@@ -353,12 +376,23 @@ def _measure_candidate(cfg: PipelineConfig, model_name: str, cand: LlmCandidate,
             model, qtok = checkpoint.load_quantized(qres.output_dir)
             res = evaluate(model, qtok, data, tc)
             del model
+        stored = bit_allocation.stored_bits(Path(qres.output_dir))
         res["metrics"].update({"size_mb": qres.size_bytes / 1e6, "quant_wall_s": qres.wall_s,
                                # sampled while this candidate was made and measured, in a process of its own
                                "peak_rss_mb": rss.peak_mb, "rss_growth_mb": rss.delta_mb,
-                               "chunks_resumed": qres.chunks_resumed})
+                               "chunks_resumed": qres.chunks_resumed, "average_bits": stored["average_bits"],
+                               "embeddings_and_head_mb": stored["embeddings_and_head_bytes"] / 1e6})
         _log_eval(res)
-        mlflow.log_dict({"group_sizes": qres.group_sizes, "kept": qres.kept}, "layout.json")
+        mlflow.log_dict({"group_sizes": qres.group_sizes, "bits": qres.bits, "kept": qres.kept,
+                         "stored_bits_per_layer": stored["per_layer"]}, "layout.json")
+        if qres.allocation:
+            import pandas as pd
+
+            mlflow.log_table(pd.DataFrame(qres.allocation), "bit_allocation.json")
+            fig = bit_allocation.chart(qres.allocation, f"{model_name} {cand.key}: bits per layer group, "
+                                                        f"{stored['average_bits']:.2f} stored bits per weight")
+            mlflow.log_figure(fig, "plots/bit_allocation.png")
+            plots.close(fig)
         mlflow.set_tag("checkpoint.path", str(qres.output_dir))
         # The state folder may be lost (another worker, a cleaned disk): the decision can read it from here.
         mlflow.log_artifacts(str(qres.output_dir), CHECKPOINT_ARTIFACT)
@@ -481,7 +515,7 @@ def _judge_finalist(cfg, tc, base_dir: Path, data: LlmData, result: dict, tmp: P
     model, qtok = checkpoint.load_quantized(_checkpoint_of(result, tmp / "finalist"))
     cand = evaluate(model, qtok, judge, tc)
     del model
-    final = {**cand["metrics"], "size_mb": result["metrics"]["size_mb"]}
+    final = {**cand["metrics"], **{k: result["metrics"][k] for k in ("size_mb", "average_bits") if k in result["metrics"]}}
     base_metrics = {**base["metrics"]}
     pairing = gates.Pairing(cand["outcomes"], base["outcomes"], gates.judgement_of(cfg.gates, cfg.calibration.seed))
     return final, base_metrics, gates.llm_gates(final, base_metrics, cfg.gates.llm, pairing)

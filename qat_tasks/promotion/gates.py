@@ -39,8 +39,9 @@ FAILURE_MODES = {
     "mrr_at_10": ("ranking loss (top hit)",
                   "QAT on the reranking pairs, or keep the most sensitive layers in FP32 (mixed precision)"),
     "perplexity_generic": ("language-modelling loss",
-                           "AWQ or GPTQ instead of round-to-nearest; keep the most sensitive blocks in 16-bit "
-                           "(mixed precision, see the sensitivity report); a smaller group size"),
+                           "GPTQ or AutoRound on rotated weights (rotation: spinquant) instead of round-to-nearest; "
+                           "asymmetric groups of 64; 8-bit weights for the most sensitive layers (average_bits, "
+                           "see the bit allocation and the sensitivity report)"),
     "perplexity_domain": ("domain loss (MangaAssist conversations)",
                           "calibrate on more, or more recent, MangaAssist conversations; keep the most sensitive "
                           "blocks in 16-bit"),
@@ -57,6 +58,8 @@ FAILURE_MODES = {
     "shadow_error_rate": ("unreliable in serving",
                           "read the service's /metrics: errors are exceptions, timeouts are answers later than "
                           "serving.shadow_timeout_ms, drops are a full mirror queue"),
+    "average_bits": ("over the memory budget",
+                     "a lower average_bits for the allocator, fewer 16-bit blocks (keep_blocks), or groups of 128"),
     "parity": ("operator mismatch",
                "exclude the mismatching nodes from quantization, or update the opset / ONNX Runtime"),
 }
@@ -291,7 +294,12 @@ def llm_gates(candidate: dict, base: dict, gates: LlmGates, pairing: Pairing | N
     route = pairing if pairing is not None and "routing_accuracy" in pairing.champion else None
     if route is not None:
         route = Pairing(pairing.candidate["routing_accuracy"], pairing.champion["routing_accuracy"], pairing.judgement)
-    return [*out, _drop_pts("routing_accuracy", candidate, base, gates.max_routing_accuracy_drop_pts, route)]
+    out.append(_drop_pts("routing_accuracy", candidate, base, gates.max_routing_accuracy_drop_pts, route))
+    if gates.max_average_bits is not None and "average_bits" in candidate:  # read off the checkpoint: no statistics
+        out.append(_result("average_bits", candidate["average_bits"] <= gates.max_average_bits,
+                           candidate["average_bits"], base.get("average_bits", 32.0),
+                           f"<= {gates.max_average_bits:g} stored bits per decoder-layer weight"))
+    return out
 
 
 def shadow_gates(shadow: dict, champion: dict, cfg: ShadowConfig, quality: EncoderGates,

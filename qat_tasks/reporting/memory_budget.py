@@ -144,6 +144,14 @@ def llm_weight_bytes(n_params_by_kind: dict[str, int], fmt: str | WeightFormat,
     return sum(llm_weight_breakdown(n_params_by_kind, fmt, keep_16bit, linear_shapes).values())
 
 
+def llm_measured_bytes(n_params_by_kind: dict[str, int], average_bits: float) -> int:
+    """Bytes of the LLM's weights when its decoder-layer Linear weights take `average_bits` each, as a checkpoint
+    stored them (packed values, scales and zero points, mixed precision included: qat_tasks.llm.bit_allocation),
+    and the embeddings, LM head and norms 16 bits."""
+    rest = sum(n for kind, n in n_params_by_kind.items() if kind != "linear")
+    return int(math.ceil(n_params_by_kind["linear"] * average_bits / 8 + 2 * rest))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # KV cache
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,7 +305,8 @@ def format_table(table, columns: list[str] | None = None) -> str:
 PRODUCTION_4BIT = "w4a16_g128_asym"  # AWQ with zero points: the larger of the two 4-bit layouts (GPTQ is symmetric)
 
 
-def stack_report(budget_cfg, models: list[dict], llm_shape: LlamaShape | None = None) -> dict:
+def stack_report(budget_cfg, models: list[dict], llm_shape: LlamaShape | None = None,
+                 llm_bits: tuple[str, float] | None = None) -> dict:
     """The memory report for one pipeline run. budget_cfg: the config's memory_budget section (or a dict with
     gpu_memory_gib, runtime_overhead_gib, kv_concurrent_sequences, kv_context_tokens, production_llm,
     instances); models: this run's artifacts as budget rows (source "measured"). llm_shape: the run's LLM, for
@@ -316,6 +325,13 @@ def stack_report(budget_cfg, models: list[dict], llm_shape: LlamaShape | None = 
     measured = budget_table(rows, gpu, kv_headroom(llm_shape, seqs, ctx) if llm_shape else None, overhead)
     kv = kv_headroom(prod_llm, seqs, ctx)
     stacks = {"fp16": production_models("fp16", prod_llm), "w4a16": production_models(PRODUCTION_4BIT, prod_llm)}
+    if llm_bits is not None:  # the registered 4-bit candidate's stored bits per decoder weight, read off its checkpoint
+        label, bits = llm_bits
+        as_measured = production_models(PRODUCTION_4BIT, prod_llm)
+        as_measured[-1] = {**as_measured[-1], "precision": f"{label}: {bits:.2f} bits per decoder weight",
+                           "bytes": llm_measured_bytes(prod_llm.param_counts(), bits),
+                           "source": "computed from the checkpoint's bits"}
+        stacks["registered"] = as_measured
     prod = {name: budget_table(s, gpu, kv, overhead) for name, s in stacks.items()}
     costs = cost_comparison(instances, stacks, kv, overhead)
     cheapest = min((c for c in costs if c["fits_w4a16"]), key=lambda c: c["usd_per_hour"], default=None)
@@ -333,6 +349,9 @@ def stack_report(budget_cfg, models: list[dict], llm_shape: LlamaShape | None = 
           f"tokens at {kv['per_token_bytes']:,} bytes per token)", "",
           "### LLM in fp16", "", format_table(prod["fp16"]), "",
           f"### LLM in 4-bit ({PRODUCTION_4BIT}, embeddings and lm_head 16-bit)", "", format_table(prod["w4a16"]), "",
+          *([f"### LLM as the registered candidate stores it ({llm_bits[0]}, {llm_bits[1]:.2f} bits per decoder-layer "
+             f"weight read off its checkpoint; embeddings and lm_head 16-bit)", "", format_table(prod["registered"]),
+             ""] if llm_bits is not None else []),
           "## Instances", "", f"Prices: {PRICE_NOTE}.", "",
           format_table(costs, ["instance", "gpu", "gpu_memory_gib", "usd_per_hour", "usd_per_month", "fits_fp16",
                                "free_gib_fp16", "fits_w4a16", "free_gib_w4a16"])]

@@ -118,7 +118,10 @@ def log_memory_budget(cfg: PipelineConfig, ctx, calibration: dict, evaluations: 
 
         local = llm_model.resolve_llm(cfg, cfg.model(d["model"]).source)
         shape = mb.LlamaShape.from_config(json.loads((local / "config.json").read_text()))
-    report = mb.stack_report(cfg.memory_budget, models, shape)
+    # The registered 4-bit candidate's stored bits per decoder weight, applied to the production LLM's layers.
+    bits = next(((d["method"], d["metrics"]["average_bits"]) for d in llm_decisions
+                 if d.get("registered_version") and "average_bits" in (d.get("metrics") or {})), None)
+    report = mb.stack_report(cfg.memory_budget, models, shape, bits)
     for line in report["markdown"].splitlines():
         log.info(line)
     exp_id = tracking.ensure_experiment(cfg, "memory-budget")
