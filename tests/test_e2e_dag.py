@@ -406,20 +406,20 @@ def test_mixed_precision_runs_when_nothing_passes(dag_run, mlflow_client, tiny_c
         "candidates": ("ptq_dynamic",), "max_fp32_units": 2})})
     exp = mlflow_client.get_experiment_by_name("mangaassist-intent-classifier")
 
-    def impossible(gate: str, value: float, suffix: str):
-        g = tiny_config.gates.intent_classifier.model_copy(update={gate: value})
+    def impossible(suffix: str, **gates: float):
+        g = tiny_config.gates.intent_classifier.model_copy(update=gates)
         cfg = tiny_config.model_copy(update={"gates": tiny_config.gates.model_copy(update={"intent_classifier": g}),
                                              "models": (model, *tiny_config.models[1:])})
         r = {**run, "ctx": {**run["ctx"], "run_id": run["ctx"]["run_id"] + suffix}}
         return pipeline.challenger_stage(cfg, r, cal, champion), r["ctx"]["run_id"]
 
     # A latency the champion cannot be beaten by: keeping layers in FP32 only slows a candidate, so it is not tried.
-    decision, run_id = impossible("max_p95_ratio", 1e-6, "-too-slow")
+    decision, run_id = impossible("-too-slow", max_p95_ratio=1e-6)
     assert decision["registered_version"] is None and "p95_ratio" in decision["why"]["ptq_dynamic"]
     assert not mlflow_client.search_runs([exp.experiment_id], f"tags.stage = 'int8-mixed-precision' and "
                                                                f"tags.`airflow.run_id` = '{run_id}'")
-    # An accuracy gain no candidate makes: the fallback is tried up to its limit, and fails.
-    decision, run_id = impossible("max_accuracy_drop_pts", -100.0, "-impossible")
+    # An accuracy gain no candidate makes, at a latency they meet: the fallback is tried up to its limit, and fails.
+    decision, run_id = impossible("-impossible", max_accuracy_drop_pts=-100.0, max_p95_ratio=100.0)
     assert decision["registered_version"] is None and "accuracy" in decision["why"]["ptq_dynamic"]
     (mixed,) = mlflow_client.search_runs([exp.experiment_id], f"tags.stage = 'int8-mixed-precision' and "
                                                                f"tags.`airflow.run_id` = '{run_id}'")

@@ -457,31 +457,14 @@ def _oneshot(model, tokenizer, samples: list[dict], recipe: list) -> None:
     passed instead of a `datasets.Dataset` so calibration is deterministic: oneshot would shuffle a Dataset,
     and a resumed run must reproduce the chunks an uninterrupted run computes."""
     from llmcompressor import oneshot
-    from llmcompressor.core.session_functions import create_session
     from torch.utils.data import DataLoader
+
+    from qat_tasks.llm.compressor_session import compressor_session
 
     loader = DataLoader(samples, batch_size=None) if samples else None
     # A session of its own: llm-compressor's global session would keep this chunk's model alive afterwards.
-    with create_session(), _fx_wraps_released():
+    with compressor_session():
         oneshot(model=model, processor=tokenizer, dataset=loader, recipe=recipe)
-
-
-@contextlib.contextmanager
-def _fx_wraps_released() -> Iterator[None]:
-    """Forget the namespaces torch.fx.wrap registered during the block. llm-compressor's sequential pipeline
-    compiles each traced forward in a copy of its module's globals holding `self` (the model being calibrated),
-    and torch.fx.wrap keeps every such namespace in a process-wide table for good: without this, every calibrated
-    chunk's model stays in memory (measured on SmolLM2-135M with AWQ: 0.5 to 0.7 GB more after each chunk, a peak
-    of 4.25 GB for one candidate against 2.39 GB with it)."""
-    from torch.fx import _symbolic_trace
-
-    table = _symbolic_trace._wrapped_fns_to_patch
-    before = set(table)
-    try:
-        yield
-    finally:
-        for key in set(table) - before:
-            del table[key]
 
 
 # ---------------------------------------------------------------- helpers

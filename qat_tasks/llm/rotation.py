@@ -36,11 +36,10 @@ def rotate(source: Path, out: Path, kind: str, digest: str, atol: float = 1e-4) 
     if marker.is_file() and json.loads(marker.read_text()).get("digest") == digest:
         return out
     from llmcompressor import oneshot
-    from llmcompressor.core.session_functions import create_session
     from llmcompressor.modifiers.transform import SpinQuantModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qat_tasks.llm.quantize import _fx_wraps_released
+    from qat_tasks.llm.compressor_session import compressor_session
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -58,7 +57,7 @@ def rotate(source: Path, out: Path, kind: str, digest: str, atol: float = 1e-4) 
             # to 5 % on SmolLM2, measured). Without it the rotated model matches the original to float precision.
             return None
 
-    with create_session(), _fx_wraps_released():
+    with compressor_session():
         oneshot(model=model, recipe=[FoldedRotations(rotations=["R1", "R2"], transform_type="random-hadamard")])
     model.config.tie_word_embeddings = False  # R1 gives the LM head and the embeddings different weights
     with torch.no_grad():
