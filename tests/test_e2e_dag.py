@@ -642,3 +642,20 @@ def test_a_run_for_the_llm_alone_skips_the_encoders_and_still_reports(dag_run, m
     # The budget still covers the encoders, through what their aliases serve.
     assert {m["name"] for m in report["memory_budget"]["models"]} == {"intent-classifier", "escalation-detector",
                                                                       "reranker", "fallback-llm"}
+
+
+def test_the_llm_bit_allocation_probe_reads_selection_text_only(dag_run, tiny_config):
+    """The per-block sensitivity that allocates 8-bit layers is measured on selection articles: it is the start of
+    the selection split's generic windows and shares no window with the judging text."""
+    from transformers import AutoTokenizer
+
+    from qat_tasks.llm import model as llm_model
+    from qat_tasks.llm.track import load_data
+
+    (cal,) = _xcom(dag_run, "refresh_calibration")
+    mcfg = tiny_config.model("fallback-llm")
+    base = llm_model.resolve_llm(tiny_config, mcfg.source)
+    data = load_data(tiny_config, mcfg.llm_track, cal["uri"], AutoTokenizer.from_pretrained(base))
+    probe, selection, judging = data.sensitivity_windows.ids, data.generic_windows.ids, data.judging().generic_windows.ids
+    assert probe.shape[0] >= 1 and (probe == selection[:probe.shape[0]]).all()
+    assert not {tuple(w.tolist()) for w in probe} & {tuple(w.tolist()) for w in judging}

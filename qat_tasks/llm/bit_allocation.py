@@ -89,15 +89,17 @@ def layer_errors(model, samples: list[dict], low: Scheme) -> dict[str, float]:
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and _BLOCK.search(name):
             def hook(_, args, name=name):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                sums[name] = sums.get(name, 0) + (x * x).sum(0)
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                sums[name] = sums.get(name, 0) + x.square().sum(0, dtype=torch.float64)
                 counts[name] = counts.get(name, 0) + x.shape[0]
             hooks.append(mod.register_forward_pre_hook(hook))
     was_training = model.training
     model.eval()
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model  # no logits: the LM head is not scored
     try:
-        for s in samples:
-            model(input_ids=s["input_ids"], attention_mask=s.get("attention_mask"), use_cache=False)
+        with torch.inference_mode():
+            for s in samples:
+                body(input_ids=s["input_ids"], attention_mask=s.get("attention_mask"), use_cache=False)
     finally:
         for h in hooks:
             h.remove()

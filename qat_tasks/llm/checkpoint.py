@@ -5,7 +5,6 @@ checked before it is renamed into place) with its manifest, and loading that che
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -15,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from qat_tasks.core import resources
 
 QPARAMS = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_global_scale")
 
@@ -99,7 +100,7 @@ def write_checkpoint(source: Path, n_chunks: int, group_sizes: dict[str, int], k
     # llm-compressor saved the last chunk's restricted recipe; record the whole-model one instead
     Recipe.from_modifiers(recipe).yaml(file_path=str(tmp / "recipe.yaml"))
     del model
-    gc.collect()
+    resources.release_memory()
     if verify:
         reloaded, _ = load_quantized(tmp)
         with torch.no_grad():

@@ -266,9 +266,11 @@ def quantize(model_dir, spec: QuantSpec, calibration_texts: list[str], output_di
         source = rotate(source, work_dir / f"rotated-{spec.rotation}", spec.rotation,
                         _digest(dataclasses.replace(spec, average_bits=None, block_sensitivity=()), source,
                                 tokenizer, []))
+        resources.release_memory()
     plan = _plan(source, spec)
     if spec.average_bits is not None:
         plan.bits, plan.allocation = _allocate(source, spec, samples, plan)
+        resources.release_memory()
     (work_dir / "manifest.json").write_text(json.dumps(
         {"spec_hash": digest, "spec": asdict(spec), "model_dir": str(model_dir), "chunks_total": plan.n_chunks,
          "group_sizes": plan.group_sizes, "bits": plan.bits, "kept": plan.kept}, indent=1))
@@ -282,6 +284,7 @@ def quantize(model_dir, spec: QuantSpec, calibration_texts: list[str], output_di
             else:
                 t = time.perf_counter()
                 save_atomic(_calibrate_chunk(k, source, spec, plan, samples, tokenizer, work_dir), path, digest)
+                resources.release_memory()  # each chunk's model copy and activations, before the next chunk's
                 log.info("chunk %d/%d: quantized in %.1fs", k + 1, plan.n_chunks, time.perf_counter() - t)
             if on_chunk_done is not None:
                 on_chunk_done(k, plan.n_chunks)
@@ -291,6 +294,7 @@ def quantize(model_dir, spec: QuantSpec, calibration_texts: list[str], output_di
         write_checkpoint(source, plan.n_chunks, plan.group_sizes, plan.kept, groups,
                          method.recipe(spec, groups, plan.kept), work_dir, tokenizer, output_dir, result, verify,
                          getattr(torch, spec.save_dtype) if spec.save_dtype else None)
+    resources.release_memory()  # the caller loads the checkpoint next: not on top of the writer's freed pages
     result.wall_s = time.perf_counter() - t0
     result.peak_rss_mb = resources.peak_rss_mb()
     write_manifest(output_dir, result)  # final timings; the checkpoint was already complete

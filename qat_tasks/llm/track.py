@@ -95,7 +95,8 @@ def load_data(cfg: PipelineConfig, tc: LlmTrackConfig, calibration_uri: str, tok
             shots[r["label"]] = r["text"]
     shot_list = [(shots[i], i) for i in INTENTS if i in shots]
     heldout = generic["heldout"]
-    sensitivity_windows = perplexity.TokenWindows(tokenizer, heldout, tc.eval_window, tc.sensitivity_tokens)
+    # The probe that allocates bits reads selection articles only: the judging articles decide, they do not choose.
+    sensitivity_windows = perplexity.TokenWindows(tokenizer, heldout[0::2], tc.eval_window, tc.sensitivity_tokens)
 
     def held_out(split: str, articles: list[str]) -> LlmData:
         rows = load_split(calibration_uri, split, ep)
@@ -512,6 +513,7 @@ def _judge_finalist(cfg, tc, base_dir: Path, data: LlmData, result: dict, tmp: P
     reference = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     base = evaluate(reference, AutoTokenizer.from_pretrained(base_dir), judge, tc)
     del reference
+    resources.release_memory()
     model, qtok = checkpoint.load_quantized(_checkpoint_of(result, tmp / "finalist"))
     cand = evaluate(model, qtok, judge, tc)
     del model
