@@ -48,13 +48,16 @@ VARIANTS: dict[str, dict] = {
     "autoround": {"method": "autoround", "calibration": "domain", "symmetric": False, "group_size": 64},
     "spinquant-autoround": {"method": "autoround", "calibration": "domain", "rotation": "spinquant",
                             "symmetric": False, "group_size": 64},
-    "mixed-5.5": {"method": "gptq", "calibration": "domain", "rotation": "spinquant", "symmetric": False,
+    "spinquant-gptq-both": {"method": "gptq", "calibration": "both", "rotation": "spinquant", "symmetric": False,
+                            "group_size": 64},
+    # the main job's candidate (configs/demo.yaml)
+    "mixed-5.5": {"method": "gptq", "calibration": "both", "rotation": "spinquant", "symmetric": False,
                   "group_size": 64, "average_bits": 5.5},
 }
 
 
 def measure(cfg_path: str | None, state: str, model_name: str, name: str, fields: dict, cal_uri: str,
-            sensitivity: dict) -> dict:
+            sensitivity: dict, autoround_iters: int | None = None) -> dict:
     """One variant, quantized and measured in this (its own) process."""
     import json
 
@@ -71,6 +74,8 @@ def measure(cfg_path: str | None, state: str, model_name: str, name: str, fields
 
     cfg = load_config(cfg_path)
     tc = cfg.model(model_name).llm_track
+    if autoround_iters is not None:
+        tc = tc.model_copy(update={"autoround_iters": autoround_iters})
     base_dir = llm_model.resolve_llm(cfg, cfg.model(model_name).source)
     data = load_data(cfg, tc, cal_uri, AutoTokenizer.from_pretrained(base_dir))
     cand = LlmCandidate(**fields)
@@ -96,6 +101,8 @@ def main() -> None:
     ap.add_argument("--model", default="fallback-llm")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--state", default=None, help="state folder to keep (default: a temporary one)")
+    ap.add_argument("--autoround-iters", type=int, default=None,
+                    help="AutoRound's signed-gradient steps per block (default: the config's llm.autoround_iters)")
     args = ap.parse_args()
 
     state = str(Path(args.state or tempfile.mkdtemp(prefix="llm-bench-")).resolve())
@@ -123,7 +130,8 @@ def main() -> None:
     print(f"{args.model}: {mcfg.source}, {date.today()}\ncalibration {cal.version}; {torch.get_num_threads()} "
           f"thread(s); W{tc.bits}A16; eval {data.generic_windows.tokens} generic + {data.domain_windows.tokens} "
           f"MangaAssist tokens (window {tc.eval_window}), {len(data.routing_rows)} routing rows; calibration "
-          f"{len(data.domain_calibration)} texts x <= {tc.max_seq_len} tokens\ntargets: {TARGETS}", flush=True)
+          f"{len(data.domain_calibration)} texts x <= {tc.max_seq_len} tokens; AutoRound "
+          f"{args.autoround_iters or tc.autoround_iters} steps per block\ntargets: {TARGETS}", flush=True)
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
@@ -140,7 +148,7 @@ def main() -> None:
     for name in args.variants:
         t = time.perf_counter()
         row, _ = isolation.run(measure, args.config, state, args.model, name, VARIANTS[name], cal.uri, blocks,
-                               task=name, isolate=True)
+                               args.autoround_iters, task=name, isolate=True)
         rows.append(row)
         print(f"  {name}: {time.perf_counter() - t:.0f} s", flush=True)
         if row.get("allocation"):

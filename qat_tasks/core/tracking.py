@@ -159,6 +159,9 @@ def content_key(stage: str, *inputs) -> str:
             libraries[pkg] = version(pkg)
         except PackageNotFoundError:
             libraries[pkg] = None
+    # Through JSON once first: a result read back from a run's tag has string keys where the fresh one had numbers,
+    # and sort_keys orders 2 before 10 but "10" before "2"; the key must not depend on which one it was given.
+    inputs = json.loads(json.dumps(inputs, default=str))
     blob = json.dumps([stage, inputs, libraries], sort_keys=True, default=str)
     return f"{stage}:{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 

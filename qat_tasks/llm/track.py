@@ -211,7 +211,7 @@ def quant_spec(tc: LlmTrackConfig, cand: LlmCandidate, num_layers: int, block_se
                      rotation=None if cand.rotation == "none" else cand.rotation, observer=cand.observer,
                      autoround_iters=tc.autoround_iters, average_bits=cand.average_bits, high_bits=tc.high_bits,
                      high_group_size=tc.high_group_size,
-                     block_sensitivity=tuple(sorted((block_sensitivity or {}).items()))
+                     block_sensitivity=tuple(sorted((int(b), float(v)) for b, v in (block_sensitivity or {}).items()))
                      if cand.average_bits is not None else (),
                      save_dtype=None if tc.checkpoint_dtype == "source" else tc.checkpoint_dtype)
 
@@ -289,7 +289,9 @@ def build_llm_challenger(cfg: PipelineConfig, model_name: str, calibration_uri: 
             results[cand.key] = done
             continue
         ctags = {**tags, "stage": "llm-candidate", "candidate": cand.key}
-        content = tracking.content_key("llm-candidate", cand.model_dump(), base.get("block_sensitivity"), *inputs)
+        # Block indices as numbers: a reference reused from MLflow comes back from JSON with string keys.
+        blocks = sorted((int(b), v) for b, v in (base.get("block_sensitivity") or {}).items())
+        content = tracking.content_key("llm-candidate", cand.model_dump(), blocks, *inputs)
         reused = tracking.reuse(cfg, exp_id, key, content, f"w{tc.bits} {cand.key}", ctags, parent)
         if reused is not None:
             results[cand.key] = reused
