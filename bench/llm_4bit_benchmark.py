@@ -7,7 +7,7 @@
 Self-contained: refreshes calibration data from the bundled traffic sample, dequantises the stand-in model once
 (state folder in a temporary directory unless --state), then quantizes each variant exactly as the DAG does
 (qat_tasks.llm.quantize, each in a process of its own, so its peak memory is its own) and measures it exactly as
-the DAG does (qat_tasks.llm.track.evaluate): perplexity on held-out Wikipedia/news text (gensim's test data) and on
+the DAG does (qat_tasks.llm.measurement.evaluate): perplexity on held-out Wikipedia/news text (gensim's test data) and on
 held-out MangaAssist conversations of the selection split, intent-routing accuracy, the stored bits per
 decoder-layer weight read off the checkpoint (scales and zero points included), size on disk, quantization wall
 time and peak resident memory. Every variant sees bitwise the same windows. Mixed-precision variants allocate bits
@@ -70,7 +70,8 @@ def measure(cfg_path: str | None, state: str, model_name: str, name: str, fields
     from qat_tasks.llm import bit_allocation, checkpoint
     from qat_tasks.llm import model as llm_model
     from qat_tasks.llm import quantize as llm_quantize
-    from qat_tasks.llm.track import evaluate, load_data, quant_spec
+    from qat_tasks.llm.measurement import evaluate, load_data
+    from qat_tasks.llm.track import quant_spec
 
     cfg = load_config(cfg_path)
     tc = cfg.model(model_name).llm_track
@@ -116,7 +117,7 @@ def main() -> None:
     from qat_tasks.data.refresh import refresh
     from qat_tasks.llm import bit_allocation, perplexity, sensitivity
     from qat_tasks.llm import model as llm_model
-    from qat_tasks.llm.track import evaluate, load_data
+    from qat_tasks.llm.measurement import evaluate, load_data
 
     cfg = load_config(args.config)
     mcfg = cfg.model(args.model)

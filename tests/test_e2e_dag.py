@@ -650,7 +650,7 @@ def test_the_llm_bit_allocation_probe_reads_selection_text_only(dag_run, tiny_co
     from transformers import AutoTokenizer
 
     from qat_tasks.llm import model as llm_model
-    from qat_tasks.llm.track import load_data
+    from qat_tasks.llm.measurement import load_data
 
     (cal,) = _xcom(dag_run, "refresh_calibration")
     mcfg = tiny_config.model("fallback-llm")

@@ -14,7 +14,7 @@ class _Tok:
 
 
 def test_whole_conversations_are_packed_into_samples_up_to_the_token_budget():
-    from qat_tasks.llm.track import pack_texts
+    from qat_tasks.llm.measurement import pack_texts
 
     texts = [f"conv{i} " + "w " * 9 for i in range(10)]  # 10 tokens each, +2 for the separator
     samples = pack_texts(_Tok(), texts, max_tokens=40, max_samples=3)
