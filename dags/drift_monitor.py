@@ -29,6 +29,7 @@ from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
 
 from qat_tasks.core.config import load_config
 from qat_tasks.core.params import MAX_REASON_CHARS, MIN_REASON_CHARS
+from qat_tasks.reporting.notifications import DriftTriggeredNotifier, dag_arguments
 
 CONFIG = load_config(os.environ.get("QAT_CONFIG"))  # pydantic + yaml only: cheap, and a broken config is an import error
 RECALIBRATION_DAG = "quarterly_recalibration"
@@ -42,7 +43,7 @@ RECALIBRATION_DAG = "quarterly_recalibration"
     catchup=False,
     max_active_runs=1,
     tags=["mangaassist", "quantization", "drift"],
-    default_args=CONFIG.scheduling.task_defaults(),  # retries with exponential backoff (config)
+    **dag_arguments(CONFIG),  # retries with exponential backoff, execution timeouts, failure notifications
     params={
         "reason": Param("daily drift check", type="string", minLength=MIN_REASON_CHARS, maxLength=MAX_REASON_CHARS,
                         description="Why this run happens (kept on every MLflow run it makes)."),
@@ -99,6 +100,7 @@ def drift_monitor():
         conf=request,
         wait_for_completion=False,
         skip_when_already_exists=True,  # this drift state was already handed to a recalibration
+        on_success_callback=[DriftTriggeredNotifier()] if CONFIG.notifications.enabled else None,
     )
     request >> trigger
 

@@ -19,6 +19,7 @@ from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
 
 from qat_tasks.core.config import load_config
 from qat_tasks.core.params import MAX_REASON_CHARS, MIN_REASON_CHARS
+from qat_tasks.reporting.notifications import dag_arguments
 
 CONFIG = load_config(os.environ.get("QAT_CONFIG"))
 SERVED = [m.name for m in CONFIG.models if m.role == "intent_classifier"]
@@ -31,7 +32,7 @@ SERVED = [m.name for m in CONFIG.models if m.role == "intent_classifier"]
     catchup=False,
     max_active_runs=1,
     tags=["mangaassist", "shadow", "promotion"],
-    default_args=CONFIG.scheduling.task_defaults(),  # retries with exponential backoff (config)
+    **dag_arguments(CONFIG),  # retries with exponential backoff, execution timeouts, failure notifications
     params={"reason": Param("daily shadow review", type="string", minLength=MIN_REASON_CHARS, maxLength=MAX_REASON_CHARS,
                             description="Why this review runs (kept on its MLflow runs and any promotion).")},
     doc_md=__doc__,

@@ -31,9 +31,14 @@ def test_quarterly_schedule_params_and_retries(dagbag):
     assert set(dag.params) == {"reason", "triggered_by", "models", "window_start", "window_end"}
     for t in dag.tasks:
         assert t.retries >= 2, t.task_id
+        assert t.execution_timeout is not None and t.execution_timeout.total_seconds() > 0, t.task_id
     assert {t.task_id for t in dag.tasks} == {"plan", "refresh_calibration", "tracked_models", "ensure_champion",
                                                "evaluate_champion", "int8_challenger", "shadow_and_promote",
-                                               "llm_models", "llm_4bit_challenger", "report"}
+                                               "llm_models", "llm_4bit_challenger", "report", "close_mlflow_runs"}
+    # Whatever fails, the teardown ends the MLflow runs left RUNNING; it does not decide the run's state.
+    close = dag.get_task("close_mlflow_runs")
+    assert close.is_teardown and close.upstream_task_ids == {"report"}
+    assert dag.get_task("llm_4bit_challenger").execution_timeout.total_seconds() == 8 * 3600
     assert dag.get_task("shadow_and_promote").upstream_task_ids >= {"int8_challenger"}
     assert "evaluate_champion" in dag.get_task("int8_challenger").upstream_task_ids
     # The embedded default runs the LLM beside everything else; production sends it to the GPU queue.
@@ -59,6 +64,24 @@ def test_production_config_puts_the_llm_on_the_gpu_queue_and_pool(monkeypatch):
     llm = dag.get_task("llm_4bit_challenger")
     assert (llm.queue, llm.pool) == ("gpu", "llm_gpu")
     assert dag.get_task("int8_challenger").queue != "gpu"
+
+
+def test_production_dags_tell_people(monkeypatch):
+    """Under production every task and every run notifies on failure, the quarterly run has an overdue alert
+    and the drift monitor's trigger says it asked for a recalibration."""
+    from datetime import timedelta
+
+    from qat_tasks.reporting.notifications import DriftTriggeredNotifier, PipelineNotifier
+
+    dag = _under_production(monkeypatch, "quarterly_recalibration.py")
+    assert [c.event for c in dag.on_failure_callback] == ["run_failed"]
+    for t in dag.tasks:
+        assert any(isinstance(c, PipelineNotifier) and c.event == "task_failed" for c in t.on_failure_callback)
+    (alert,) = dag.deadline
+    assert alert.interval == timedelta(hours=12) and alert.callback.path.endswith("notifications.run_overdue")
+    drift = _under_production(monkeypatch, "drift_monitor.py")
+    trigger = drift.get_task("trigger_recalibration")
+    assert any(isinstance(c, DriftTriggeredNotifier) for c in trigger.on_success_callback)
 
 
 def test_production_shadow_review_asks_a_person_before_promoting(monkeypatch, dagbag):

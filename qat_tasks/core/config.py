@@ -21,6 +21,7 @@ from qat_tasks.core.config_operations import (
     EvaluationConfig,
     GatesConfig,
     MemoryBudgetConfig,
+    NotificationsConfig,
     RetriesConfig,
     SchedulingConfig,
     ServingConfig,
@@ -58,6 +59,7 @@ class PipelineConfig(Strict):
     serving: ServingConfig = ServingConfig()
     shadow: ShadowConfig = ShadowConfig()
     drift: DriftConfig = DriftConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
 
     @field_validator("models")
     @classmethod

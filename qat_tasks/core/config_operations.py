@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from qat_tasks.core.config_sections import Fraction, Strict
 
@@ -96,13 +96,59 @@ class SchedulingConfig(Strict):
     # A measurement whose inputs (registered version, calibration rows, settings, library versions) are those of an
     # earlier DAG run is taken from that run instead of made again: a rerun costs only what changed.
     reuse_unchanged: bool = True
+    # Every task is killed (and retried) past its execution timeout: `task_timeout_minutes` for each task unless
+    # `task_timeouts_minutes` names it (the LLM's quantization takes hours on a GPU).
+    task_timeout_minutes: float = Field(default=120.0, gt=0)
+    task_timeouts_minutes: dict[str, float] = {"llm_4bit_challenger": 480.0}
+    # A quarterly run still going this long after it was queued is overdue: a deadline alert tells people.
+    expected_run_minutes: float = Field(default=720.0, gt=0)
+
+    @field_validator("task_timeouts_minutes")
+    @classmethod
+    def _positive_timeouts(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: t for k, t in v.items() if not t > 0}
+        if bad:
+            raise ValueError(f"timeouts must be positive minutes: {bad}")
+        return v
+
+    def task_timeout(self, task_id: str):
+        from datetime import timedelta
+
+        return timedelta(minutes=self.task_timeouts_minutes.get(task_id, self.task_timeout_minutes))
 
     def task_defaults(self) -> dict:
-        """The DAGs' default_args: every task retried with exponential backoff."""
+        """The DAGs' default_args: every task retried with exponential backoff and killed past its timeout."""
         from datetime import timedelta
 
         return {"owner": "mlops", "retries": self.task_retries, "retry_delay": timedelta(seconds=self.retry_delay_s),
-                "retry_exponential_backoff": True, "max_retry_delay": timedelta(seconds=self.max_retry_delay_s)}
+                "retry_exponential_backoff": True, "max_retry_delay": timedelta(seconds=self.max_retry_delay_s),
+                "execution_timeout": timedelta(minutes=self.task_timeout_minutes)}
+
+
+NotificationEvent = Literal["task_failed", "run_failed", "run_overdue", "drift_triggered", "promoted", "rolled_back"]
+
+
+class NotificationsConfig(Strict):
+    """Who is told what (qat_tasks.reporting.notifications). Addresses and endpoints live in Airflow connections,
+    never here: `smtp_conn_id` an SMTP connection (Airflow's SmtpNotifier), `webhook_conn_id` an HTTP connection
+    whose URL takes a JSON {"text": ...} POST (a Slack incoming webhook; the URL is the secret)."""
+
+    smtp_conn_id: str | None = None
+    email_to: tuple[str, ...] = ()
+    email_from: str = "mangaassist-mlops@localhost"
+    webhook_conn_id: str | None = None
+    events: tuple[NotificationEvent, ...] = ("task_failed", "run_failed", "run_overdue", "drift_triggered",
+                                             "promoted", "rolled_back")
+
+    @model_validator(mode="after")
+    def _addressed(self) -> NotificationsConfig:
+        if self.smtp_conn_id and not self.email_to:
+            raise ValueError("notifications.email_to: smtp_conn_id is set, so say who receives the e-mail")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.smtp_conn_id or self.webhook_conn_id)
 
 
 class BudgetConfig(Strict):

@@ -215,6 +215,24 @@ def finish_parent(run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(run_id, status)
 
 
+def close_open_runs(cfg: PipelineConfig, airflow_run_id: str) -> dict[str, int]:
+    """The DAG run's teardown: every MLflow run it left RUNNING (a model's parent run whose track failed, a stage
+    whose worker died and was not retried) is ended FAILED; runs that ended are left as they are."""
+    client = configure(cfg)
+    prefix = cfg.tracking.experiment_prefix + "-"
+    exps = [e.experiment_id for e in client.search_experiments() if e.name.startswith(prefix)]
+    closed = finished = 0
+    for exp in exps:
+        for run in client.search_runs([exp], filter_string=f"tags.`airflow.run_id` = '{_quote(airflow_run_id)}'",
+                                      max_results=5000):
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, "FAILED")
+                closed += 1
+            else:
+                finished += 1
+    return {"closed_failed": closed, "already_ended": finished}
+
+
 DATASET_COLUMNS = ("request_id", "id", "group", "text", "text_pair", "label", "label_source", "source", "language")
 
 

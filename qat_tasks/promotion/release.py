@@ -86,7 +86,18 @@ def promote(cfg: PipelineConfig, model_name: str, ctx: tracking.RunContext, vers
         mlflow.set_tag("decision", result["outcome"])
         tracking.set_result(result)
     log.info("%s: %s; roll back with: qat-tasks rollback --model %s --reason ...", name, result["outcome"], model_name)
+    _tell(cfg, "promoted", name, result, ctx, f"roll back with: qat-tasks rollback --model {model_name} --reason ...")
     return result
+
+
+def _tell(cfg: PipelineConfig, event: str, name: str, result: dict, ctx: tracking.RunContext, hint: str) -> None:
+    from qat_tasks.reporting.airflow_links import mlflow_run_url
+    from qat_tasks.reporting.notifications import send
+
+    link = mlflow_run_url(result.get("run_id", ""))
+    send(cfg.notifications, event, f"{name}: {result['outcome']}",
+         "\n".join([f"{name}: {result['outcome']}", f"by {ctx.dag_id} run {ctx.run_id} ({ctx.trigger})",
+                    f"reason: {ctx.reason}", hint] + ([f"MLflow: {link}"] if link else [])))
 
 
 def awaiting_approval(cfg: PipelineConfig, model_name: str) -> dict | None:
@@ -146,4 +157,6 @@ def rollback(cfg: PipelineConfig, model_name: str, ctx: tracking.RunContext) -> 
         mlflow.set_tag("decision", result["outcome"])
         tracking.set_result(result)
     log.warning("%s: %s (%s)", name, result["outcome"], ctx.reason)
+    _tell(cfg, "rolled_back", name, result, ctx, f"v{result['demoted_version']} keeps its files; promote it "
+                                                   f"again with: qat-tasks promote --model {model_name} --version ...")
     return result

@@ -1,0 +1,179 @@
+"""Telling people what the pipeline did: a task or a run failed, a quarterly run is overdue, drift triggered a
+recalibration, a model was promoted or rolled back.
+
+Two channels, both optional and both configured by Airflow connections (config `notifications`): e-mail through
+Airflow's SmtpNotifier (SMTP provider), and a webhook that takes a JSON {"text": ...} POST, which is the body a
+Slack incoming webhook reads. A notification that cannot be sent is logged and never fails the work it reports.
+
+`PipelineNotifier` is the DAGs' on_failure_callback (task and DAG run); `run_overdue` is the quarterly DAG's
+deadline callback, awaited in the triggerer; `send` is what stages call (release.promote / rollback, the drift
+monitor's trigger).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import urllib.request
+
+from airflow.sdk import BaseNotifier
+
+from qat_tasks.core.config_operations import NotificationsConfig
+
+log = logging.getLogger(__name__)
+
+SUBJECT_PREFIX = "[MangaAssist MLOps]"
+
+
+def send(settings: NotificationsConfig | dict, event: str, subject: str, text: str) -> list[str]:
+    """Send one notification on every configured channel; returns the channels that took it."""
+    settings = (settings if isinstance(settings, NotificationsConfig)
+                else NotificationsConfig.model_validate_json(json.dumps(settings)))
+    if event not in settings.events or not settings.enabled:
+        return []
+    subject = f"{SUBJECT_PREFIX} {subject}"
+    sent = []
+    if settings.smtp_conn_id:
+        try:
+            from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+            body = "<pre>" + html.escape(text) + "</pre>"
+            SmtpNotifier(to=list(settings.email_to), from_email=settings.email_from, subject=subject,
+                         html_content=body, smtp_conn_id=settings.smtp_conn_id,
+                         custom_headers={"X-MangaAssist-Event": event}).notify({})
+            sent.append("email")
+        except Exception:
+            log.exception("could not e-mail %s through connection %s", event, settings.smtp_conn_id)
+    if settings.webhook_conn_id:
+        try:
+            _post_webhook(settings.webhook_conn_id, {"text": f"*{subject}*\n{text}", "event": event})
+            sent.append("webhook")
+        except Exception:
+            log.exception("could not post %s to webhook connection %s", event, settings.webhook_conn_id)
+    if sent:
+        log.info("told people (%s): %s", ", ".join(sent), subject)
+    return sent
+
+
+def _post_webhook(conn_id: str, payload: dict) -> None:
+    from airflow.sdk import Connection
+
+    conn = Connection.get(conn_id)
+    url = _webhook_url(conn)
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        if resp.status >= 300:
+            raise RuntimeError(f"webhook answered {resp.status}")
+
+
+def _webhook_url(conn) -> str:
+    """The connection's URL: its host when that is a whole URL (Slack's hooks.slack.com/services/...), else
+    schema://host:port/path from its fields; a password is the path's secret part (Slack's token path)."""
+    host = conn.host or ""
+    if "://" in host:
+        return host.rstrip("/") + (f"/{conn.password}" if conn.password else "")
+    scheme = conn.schema or ("https" if conn.conn_type in ("slackwebhook", "https") else "http")
+    port = f":{conn.port}" if conn.port else ""
+    extra = conn.extra_dejson if hasattr(conn, "extra_dejson") else {}
+    path = str(extra.get("path", "")).strip("/")
+    url = f"{scheme}://{host}{port}" + (f"/{path}" if path else "")
+    return url + (f"/{conn.password}" if conn.password else "")
+
+
+def settings_from_env() -> NotificationsConfig:
+    """The notification settings of the config the DAGs load (QAT_CONFIG)."""
+    from qat_tasks.core.config import load_config
+
+    return load_config(os.environ.get("QAT_CONFIG")).notifications
+
+
+class PipelineNotifier(BaseNotifier):
+    """on_failure_callback of the DAGs' tasks (`event="task_failed"`) and DAG runs (`event="run_failed"`)."""
+
+    def __init__(self, event: str, settings: dict | None = None):
+        super().__init__()
+        self.event, self.settings = event, settings
+
+    def notify(self, context) -> None:
+        settings = self.settings if self.settings is not None else settings_from_env()
+        subject, text = describe_failure(self.event, context)
+        send(settings, self.event, subject, text)
+
+
+def describe_failure(event: str, context) -> tuple[str, str]:
+    dag_run, ti = context.get("dag_run"), context.get("ti") or context.get("task_instance")
+    dag_id = getattr(dag_run, "dag_id", None) or getattr(ti, "dag_id", "?")
+    run_id = getattr(dag_run, "run_id", None) or getattr(ti, "run_id", "?")
+    conf = getattr(dag_run, "conf", None) or {}
+    lines = [f"DAG {dag_id}, run {run_id}", f"reason: {conf.get('reason', 'scheduled')}"]
+    if event == "task_failed" and ti is not None:
+        index = getattr(ti, "map_index", -1)
+        task = ti.task_id + (f"[{index}]" if index is not None and index >= 0 else "")
+        tries = f"try {getattr(ti, 'try_number', '?')} of {getattr(ti, 'max_tries', 0) + 1}"
+        subject = f"{dag_id}: task {task} failed ({tries})"
+        lines += [f"task {task} on {getattr(ti, 'hostname', '?')}, {tries}",
+                  f"error: {context.get('exception') or 'see the task log'}"]
+        if getattr(ti, "log_url", None):
+            lines.append(f"log: {ti.log_url}")
+    else:
+        subject = f"{dag_id}: run {run_id} failed"
+        reason = context.get("reason")
+        if reason:
+            lines.append(f"why: {reason}")
+    return subject, "\n".join(lines)
+
+
+async def run_overdue(settings: dict, expected_minutes: float, context: dict | None = None) -> None:
+    """Deadline callback (triggerer): the quarterly run is still going `expected_minutes` after it was queued."""
+    context = context or {}
+    dag_run = context.get("dag_run") or {}
+    get = dag_run.get if isinstance(dag_run, dict) else lambda k, d=None: getattr(dag_run, k, d)
+    dag_id, run_id = get("dag_id", "quarterly_recalibration"), get("run_id", "?")
+    subject = f"{dag_id}: run {run_id} is overdue"
+    text = (f"DAG {dag_id}, run {run_id} has been running for more than {expected_minutes:g} minutes since it was "
+            f"queued (scheduling.expected_run_minutes). It goes on; look at which task holds it.")
+    import asyncio
+
+    await asyncio.to_thread(send, settings, "run_overdue", subject, text)  # SMTP and HTTP block: off the loop
+
+
+def dag_arguments(cfg, overdue: bool = False) -> dict:
+    """What a DAG passes to @dag so people are told: default_args with each task's retries, timeout and failure
+    notification; the run's failure notification; with `overdue`, a deadline alert `expected_run_minutes` after
+    the run was queued. Without a channel configured, only the retries and the timeout."""
+    from datetime import timedelta
+
+    from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
+
+    settings = cfg.notifications
+    default_args = cfg.scheduling.task_defaults()
+    if not settings.enabled:
+        return {"default_args": default_args}
+    default_args["on_failure_callback"] = [PipelineNotifier("task_failed")]
+    out = {"default_args": default_args, "on_failure_callback": [PipelineNotifier("run_failed")]}
+    if overdue and "run_overdue" in settings.events:
+        minutes = cfg.scheduling.expected_run_minutes
+        out["deadline"] = DeadlineAlert(
+            reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(minutes=minutes),
+            callback=AsyncCallback(run_overdue, kwargs={"settings": settings.model_dump(mode="json"),
+                                                        "expected_minutes": minutes}))
+    return out
+
+
+class DriftTriggeredNotifier(BaseNotifier):
+    """on_success_callback of the drift monitor's trigger: a recalibration was asked for, and why."""
+
+    def notify(self, context) -> None:
+        task = context.get("task")
+        conf = getattr(task, "conf", None) or {}
+        run_id = getattr(task, "trigger_run_id", None) or "?"
+        models = ", ".join(conf.get("models") or []) or "all models"
+        subject = f"drift: recalibration of {models} triggered"
+        text = "\n".join([f"run {run_id} of {getattr(task, 'trigger_dag_id', 'quarterly_recalibration')} "
+                          f"was triggered by the drift monitor", f"models: {models}",
+                          f"reason: {conf.get('reason', '?')}",
+                          f"window: {conf.get('window_start', '?')} .. {conf.get('window_end', '?')}"])
+        send(settings_from_env(), "drift_triggered", subject, text)
