@@ -11,13 +11,14 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 STAMP="$VENV/.qat-installed"
-WANT="$(cat requirements.txt constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+WANT="$(cat requirements.txt requirements-dev.txt constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "==> installing pinned dependencies (torch 2.13.0 CPU held by constraints.txt)"
   python -m pip install -q --upgrade pip
   # torch first and alone, so nothing later can pull a newer (CUDA) build.
   python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -r requirements.txt -c constraints.txt
+  # the runtime pins and the test tools (requirements-dev.txt includes requirements.txt)
+  python -m pip install -q -r requirements-dev.txt -c constraints.txt
   python -m pip install -q --no-deps -e .
   python -m pip check
   echo "$WANT" > "$STAMP"
