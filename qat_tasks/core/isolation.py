@@ -85,11 +85,22 @@ class _TreeSampler(RssSampler):
 
 def _context():
     """The fork server's context, with the heavy libraries preloaded; spawn where there is no fork server."""
+    _allow_children()
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD))  # read when the server starts: the first stage of this process
     return ctx
+
+
+def _allow_children() -> None:
+    """A task under a Celery worker runs in a descendant of the prefork pool's child, which multiprocessing marks
+    daemonic, and a daemonic process may not start children ("daemonic processes are not allowed to have
+    children"). The task process owns its stage processes and waits for each (the pool's context manager joins
+    them), which is what the flag guards; it is cleared for this process only."""
+    proc = multiprocessing.current_process()
+    if proc.daemon:
+        proc._config["daemon"] = False
 
 
 class _ConsoleFormatter(logging.Formatter):
