@@ -27,7 +27,7 @@ def test_valid_record_parses():
     (lambda d: d.update(reviewed_label="refund"), "unknown_intent:reviewed_label"),
     (lambda d: d.update(timestamp="2026-07-01T10:00:00"), "invalid:timestamp"),
     (lambda d: d.update(confidence=1.7), "invalid:confidence"),
-    (lambda d: d.update(schema_version=3), "invalid:schema_version"),
+    (lambda d: d.update(schema_version=4), "invalid:schema_version"),
     (lambda d: d.update(user_email="a@b.co"), "unexpected_field"),
 ])
 def test_invalid_records_get_a_reason(mutate, category):

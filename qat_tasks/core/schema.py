@@ -1,10 +1,15 @@
-"""The logged-traffic record, version 1.
+"""The logged-traffic record.
 
 It extends what the serving layer already writes
     {"event": "quantized_inference", "model": ..., "intent": ..., "confidence": ..., "latency_ms": ...,
      "runtime": "onnxruntime"}
 with what calibration and evaluation need: ids, a timestamp, the user's text and, where a person
 reviewed the turn, the true label. Records that do not fit are quarantined with the reason, never dropped.
+
+Version 3 adds the answers of the escalation detector (`EscalationRecord`) and of the reranker (`RerankRecord`),
+each naming its `role`. They are logged in their model's own folder under the service's log root
+(`<root>/<model name>/dt=...`), never beside the intent records that calibration reads, and a reader gets them
+only when it asks for their role (`parse_line(..., roles=...)`).
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-# Version 2 adds what the writer scrubbed (`pii_scrubbed`, counts by kind) and the review-label record; readers
-# take both versions.
-SCHEMA_VERSION = 2
-SCHEMA_VERSIONS = (1, 2)
+# Version 2 adds what the writer scrubbed (`pii_scrubbed`, counts by kind) and the review-label record; version 3
+# the escalation detector's and the reranker's records (intent records keep their shape). Readers take every version.
+SCHEMA_VERSION = 3
+SCHEMA_VERSIONS = (1, 2, 3)
+ROLE_RECORDS_SINCE = 3  # the first version with records of roles other than the intent classifier
 
 # The ten MangaAssist intents. escalation and checkout_help are rare in traffic and matter most.
 INTENTS: tuple[str, ...] = (
@@ -36,8 +42,9 @@ INTENTS: tuple[str, ...] = (
 )
 Intent = Literal[INTENTS]  # type: ignore[valid-type]  # a tuple subscript spells out each member
 
-# The roles whose answers this schema can log (it records intents): what the serving component serves and shadows.
-SERVED_ROLES: tuple[str, ...] = ("intent_classifier",)
+# The roles whose answers this schema can log: what the serving component serves and shadows.
+SERVED_ROLES: tuple[str, ...] = ("intent_classifier", "escalation_detector", "reranker")
+INTENT_ROLE = "intent_classifier"
 
 # Field limits, shared by the log records and the serving component's requests, so every accepted request can be
 # logged and every logged record fits.
@@ -45,6 +52,7 @@ MAX_TEXT_CHARS = 4000
 MAX_ID_CHARS = 128
 MAX_TURN = 500
 MAX_LOCALE_CHARS = 35  # the longest BCP 47 tags in use
+MAX_CANDIDATES = 100  # passages one rerank request may carry
 
 
 def not_blank(v: str) -> str:
@@ -67,29 +75,110 @@ def _aware(v: datetime) -> datetime:
 
 
 UtcTime = Annotated[datetime, AfterValidator(_aware)]
+Event = Literal["quantized_inference", "inference", "shadow_inference"]
+Runtime = Literal["onnxruntime", "pytorch", "transformers", "vllm"]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+LatencyMs = Annotated[float, Field(ge=0.0)]
+ModelField = Annotated[str, Field(min_length=1)]
+# What the writer scrubbed from the logged texts before logging them: counts by kind ([EMAIL], [PHONE], ...), never
+# the values.
+PiiCounts = dict[Annotated[str, Field(pattern=r"^[A-Z]{2,10}$")], Annotated[int, Field(ge=1)]] | None
 
 
 class InferenceRecord(BaseModel):
-    """One line of logged traffic (JSONL)."""
+    """One line of logged traffic (JSONL): an intent classifier's answer to a turn."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    schema_version: Literal[1, 2]
-    event: Literal["quantized_inference", "inference", "shadow_inference"]
+    schema_version: Literal[1, 2, 3]
+    event: Event
     request_id: RequestId
     conversation_id: ConversationId
     turn: Turn
     timestamp: UtcTime
-    model: Annotated[str, Field(min_length=1)]
-    runtime: Literal["onnxruntime", "pytorch", "transformers", "vllm"]
+    model: ModelField
+    runtime: Runtime
     text: Text
     intent: Intent
-    confidence: Annotated[float, Field(ge=0.0, le=1.0)]
-    latency_ms: Annotated[float, Field(ge=0.0)]
+    confidence: Probability
+    latency_ms: LatencyMs
     reviewed_label: Intent | None = None
     locale: str | None = None
-    # What the writer scrubbed from `text` before logging it: counts by kind ([EMAIL], [PHONE], ...), never values.
-    pii_scrubbed: dict[Annotated[str, Field(pattern=r"^[A-Z]{2,10}$")], Annotated[int, Field(ge=1)]] | None = None
+    pii_scrubbed: PiiCounts = None
+
+
+class EscalationRecord(BaseModel):
+    """The escalation detector's answer to a turn (version 3): the probability that the customer is frustrated and
+    the decision at the model's own recall-tuned threshold."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    schema_version: Literal[3]
+    role: Literal["escalation_detector"]
+    event: Event
+    request_id: RequestId
+    conversation_id: ConversationId
+    turn: Turn
+    timestamp: UtcTime
+    model: ModelField
+    runtime: Runtime
+    text: Text
+    p_frustrated: Probability
+    threshold: Probability
+    escalate: bool
+    latency_ms: LatencyMs
+    locale: str | None = None
+    pii_scrubbed: PiiCounts = None
+
+
+class RankedCandidate(BaseModel):
+    """A passage of a rerank request as logged: the client's id, the text (scrubbed) and the model's score."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    id: Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)] | None = None
+    text: Text
+    score: Annotated[float, Field(allow_inf_nan=False)]  # relevance log-odds
+
+
+class RerankRecord(BaseModel):
+    """The reranker's answer to a query and its candidate passages (version 3): every candidate in the request's
+    order with its score, and `ranking`, the indices of the top `top_k` candidates, best first (what was answered)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    schema_version: Literal[3]
+    role: Literal["reranker"]
+    event: Event
+    request_id: RequestId
+    conversation_id: ConversationId
+    turn: Turn
+    timestamp: UtcTime
+    model: ModelField
+    runtime: Runtime
+    query: Text
+    candidates: Annotated[list[RankedCandidate], Field(min_length=1, max_length=MAX_CANDIDATES)]
+    top_k: Annotated[int, Field(ge=1, le=MAX_CANDIDATES)]
+    ranking: list[Annotated[int, Field(ge=0, lt=MAX_CANDIDATES)]]
+    latency_ms: LatencyMs
+    locale: str | None = None
+    pii_scrubbed: PiiCounts = None
+
+    @model_validator(mode="after")
+    def _ranking_fits(self) -> RerankRecord:
+        n = len(self.candidates)
+        if len(set(self.ranking)) != len(self.ranking) or any(i >= n for i in self.ranking):
+            raise ValueError(f"ranking must name distinct candidates 0..{n - 1}")
+        if len(self.ranking) != min(self.top_k, n):
+            raise ValueError(f"ranking holds {len(self.ranking)} candidates, top_k {self.top_k} of {n} asks for "
+                             f"{min(self.top_k, n)}")
+        return self
+
+
+# The record class of each role's answers; the intent classifier's is InferenceRecord.
+ROLE_RECORDS: dict[str, type[BaseModel]] = {"intent_classifier": InferenceRecord,
+                                            "escalation_detector": EscalationRecord, "reranker": RerankRecord}
+AnyRecord = InferenceRecord | EscalationRecord | RerankRecord
 
 
 class ReviewLabel(BaseModel):
@@ -99,7 +188,7 @@ class ReviewLabel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    schema_version: Literal[2]
+    schema_version: Literal[2, 3]
     event: Literal["review_label"]
     request_id: RequestId
     reviewed_label: Intent
@@ -109,16 +198,38 @@ class ReviewLabel(BaseModel):
 
 LABEL_FILE_PREFIX = "labels"  # review labels live in their own files: dt=YYYY-MM-DD/labels-*.jsonl[.gz]
 _LABEL_EVENT = re.compile(rb'"event"\s*:\s*"review_label"')
+_ROLE = re.compile(rb'"role"\s*:\s*"(escalation_detector|reranker)"')
 
 
-def parse_line(line: str | bytes) -> tuple[InferenceRecord | ReviewLabel | None, str | None]:
-    """Parse and validate one log line: a logged turn or a review label. Returns (record, None) or (None, reason)."""
+def parse_line(line: str | bytes, roles: tuple[str, ...] = (INTENT_ROLE,)
+               ) -> tuple[AnyRecord | ReviewLabel | None, str | None]:
+    """Parse and validate one log line: a logged turn of one of `roles` (by default the intent classifier's, what
+    calibration, drift and the label join read) or a review label. Returns (record, None) or (None, reason); a
+    record of a role not asked for is refused with a reason, so a reader never takes one role's answers for
+    another's."""
     raw = line.encode() if isinstance(line, str) else line
-    try:  # turns first: nearly every line is one
-        return InferenceRecord.model_validate_json(raw), None
-    except ValidationError as exc:
-        if _LABEL_EVENT.search(raw) is None:
+    error = None
+    if INTENT_ROLE in roles:
+        try:  # turns first: nearly every line is one
+            return InferenceRecord.model_validate_json(raw), None
+        except ValidationError as exc:
+            error = exc
+    role = _ROLE.search(raw)
+    if role is not None:
+        name = role.group(1).decode()
+        if name not in roles:
+            return None, f"role: a {name} record where {', '.join(roles)} records are read (each model logs in its own folder)"
+        try:
+            return ROLE_RECORDS[name].model_validate_json(raw), None
+        except ValidationError as exc:
             return None, summarize_error(exc)
+    if _LABEL_EVENT.search(raw) is None:
+        if error is None:  # only other roles asked for: say what this line lacks as one of them
+            try:
+                ROLE_RECORDS[roles[0]].model_validate_json(raw)
+            except ValidationError as exc:
+                error = exc
+        return None, summarize_error(error) if error is not None else "role: missing"
     try:
         return ReviewLabel.model_validate_json(raw), None
     except ValidationError as exc:
