@@ -187,16 +187,19 @@ class MemoryBudgetConfig(Strict):
 
 
 class ServingConfig(Strict):
-    """The HTTP service (qat_tasks.serving): answers every request with @champion and mirrors it to @shadow in
-    the background; the shadow never delays, changes or fails the champion's answer."""
+    """The HTTP service (qat_tasks.serving): answers every request with each encoder's @champion and mirrors it to
+    its @shadow in a process of its own; the shadow never delays, changes or fails the champion's answer."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     threads: int = Field(default=1, ge=1)  # ONNX Runtime intra-op threads per model session
     shadow_timeout_ms: float = Field(default=250.0, gt=0)  # a shadow answer later than this counts as a timeout
     shadow_queue_size: int = Field(default=1000, ge=1)  # mirrors waiting past this are dropped (and counted)
-    shadow_workers: int = Field(default=1, ge=1)
-    shadow_nice: int = Field(default=10, ge=0, le=19)  # the shadow's threads yield the CPU to the champion's
+    shadow_workers: int = Field(default=1, ge=1)  # threads answering mirrors in the shadow process
+    shadow_nice: int = Field(default=10, ge=0, le=19)  # the shadow process yields the CPU to the champion's
+    # How long the service waits at start (and at an alias reload) for the shadow process to load @shadow before
+    # it serves without mirroring; mirroring starts whenever the load completes.
+    shadow_start_timeout_s: float = Field(default=120.0, gt=0)
     reload_interval_s: float = Field(default=30.0, ge=0)  # alias polling: a promotion is served without restart
     # Where the service writes its records (traffic schema): None is traffic.source, so its logs are the next
     # quarter's calibration source. Each flush is one new immutable file in the day's dt= partition.
@@ -207,7 +210,8 @@ class ServingConfig(Strict):
 
 class ShadowConfig(Strict):
     """Shadow deployment and review (qat_tasks.promotion.shadow): a @challenger that passed the offline gates gets
-    @shadow; a review on mirrored traffic decides whether it becomes @champion."""
+    @shadow; a review on mirrored traffic decides whether it becomes @champion. Every served encoder is reviewed;
+    the quality gates on reviewed labels apply to the intent classifier (review labels are intents)."""
 
     # replay: the quarterly run replays logged traffic through champion and shadow and reviews at once;
     # live: the shadow waits for `live_window_hours` of mirrored traffic, reviewed by the shadow_review DAG.
@@ -218,7 +222,9 @@ class ShadowConfig(Strict):
     min_mirrored_requests: int = Field(default=200, ge=1)
     min_reviewed_labels: int = Field(default=100, ge=0)
     # Gates on mirrored traffic (the quality gates on reviewed labels are gates.intent_classifier's).
+    # Agreement: the same intent, the same escalate decision, the same top passage (reranker).
     min_agreement: Fraction = 0.95
+    min_overlap_at_k: Fraction = 0.9  # reranker: share of the champion's top k passages in the shadow's top k
     max_shadow_error_rate: Fraction = 0.01  # errors + timeouts + dropped mirrors per mirrored request
     max_p95_ratio: float = Field(default=1.0, gt=0)  # shadow P95 / champion P95 on the same requests
     # auto: a passing review promotes at once; manual: it waits for a person (the shadow_review DAG's approval

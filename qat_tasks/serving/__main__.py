@@ -1,4 +1,5 @@
-"""`python -m qat_tasks.serving --model intent-classifier`: the serving component on its own."""
+"""`python -m qat_tasks.serving [--model NAME ...]`: the serving component on its own (every served encoder of the
+config unless --model names some)."""
 
 from qat_tasks.serving.app import main
 

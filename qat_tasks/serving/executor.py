@@ -1,6 +1,6 @@
-"""The shadow's threads: calls run with a deadline on reusable runner threads at a lower CPU priority, so whatever
-the shadow does (raise, run late, hang) never reaches the champion's requests. A call that hangs keeps its thread;
-later calls run on fresh ones, at most MAX_STUCK_CALLS hung at once per worker."""
+"""Shadow calls with a deadline, inside the shadow process: each call runs on a reusable runner thread, so
+whatever the shadow does (raise, run late, hang) is counted and the next mirror still runs. A call that hangs keeps
+its thread; later calls run on fresh ones, at most MAX_STUCK_CALLS hung at once per worker."""
 
 from __future__ import annotations
 
@@ -13,52 +13,24 @@ import time
 
 log = logging.getLogger(__name__)
 
-
-
 MAX_STUCK_CALLS = 4  # hung shadow calls (each holding a thread) per worker before mirrors are dropped
 
 
-# Shadow threads in SCHED_IDLE (see lower_priority): set by serve() for the service's own process. Tests and
-# replays keep the nice value alone, so a busy CI machine cannot starve their shadow past its deadline.
-IDLE_SHADOWS = False
-
-
-def lower_priority(nice: int) -> None:
-    """Linux schedules threads as tasks, so this lowers the calling thread alone (and threads it starts later,
-    such as ONNX Runtime's pool): the champion's threads get the CPU first. Elsewhere it would renice the whole
-    process, so it does nothing.
-
-    In the service (IDLE_SHADOWS) the thread also goes to SCHED_IDLE, which a waking champion thread always
-    preempts at once: measured with bench/shadow_load.py on an idle 2-core machine, mirroring added 21.6 % to the
-    champion's P95 at nice 10 and 4.4 % at SCHED_IDLE (an A/A run: 2.0 %). The price: on a saturated machine the
-    shadow waits for idle CPU, and its late answers count as timeouts."""
-    if nice and sys.platform.startswith("linux"):
-        tid = threading.get_native_id()
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-            if IDLE_SHADOWS:
-                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        except OSError as exc:
-            log.warning("could not lower the shadow's CPU priority (nice %d): %s", nice, exc)
-
-
-def in_thread(fn, nice: int = 0):
-    """fn() on a fresh thread at `nice`, waited for: a shadow session created there starts its threads niced."""
-    box: dict = {}
-
-    def run() -> None:
-        lower_priority(nice)
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=run, name="model-loader")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+def lower_priority(nice: int, idle: bool) -> None:
+    """Lower the shadow process's CPU priority. Called on its main thread before any other thread starts: Linux
+    schedules threads as tasks, and the threads started later (workers, runners, ONNX Runtime's pool) inherit the
+    nice value and the policy. With `idle` the process runs under SCHED_IDLE, which a waking champion thread always
+    preempts at once; the price: on a saturated machine the shadow waits for idle CPU, and its late answers count
+    as timeouts. Elsewhere than Linux it does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        if idle:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as exc:
+        log.warning("could not lower the shadow's CPU priority (nice %d, idle %s): %s", nice, idle, exc)
 
 
 class _Call:
@@ -73,17 +45,16 @@ class _Call:
 class _Runner:
     """A daemon thread that runs shadow calls one at a time."""
 
-    def __init__(self, nice: int):
+    def __init__(self):
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.last: _Call | None = None  # set by the submitting thread, so busy() never races the runner
-        threading.Thread(target=self._loop, args=(nice,), daemon=True, name="shadow-runner").start()
+        threading.Thread(target=self._loop, daemon=True, name="shadow-runner").start()
 
     def submit(self, call: _Call) -> None:
         self.last = call
         self.inbox.put(call)
 
-    def _loop(self, nice: int) -> None:
-        lower_priority(nice)
+    def _loop(self) -> None:
         while True:
             call = self.inbox.get()
             t0 = time.perf_counter()
@@ -106,8 +77,8 @@ class Executor:
     """Runs calls with a deadline on reusable runner threads; one whose call hangs is set aside (not reused until
     the call returns) and a fresh runner takes the next call, up to `max_stuck` set aside at once."""
 
-    def __init__(self, nice: int, max_stuck: int):
-        self.nice, self.max_stuck = nice, max_stuck
+    def __init__(self, max_stuck: int = MAX_STUCK_CALLS):
+        self.max_stuck = max_stuck
         self.idle: list[_Runner] = []
         self.stuck: list[_Runner] = []
 
@@ -118,7 +89,7 @@ class Executor:
             self.idle.extend(returned)
         if len(self.stuck) >= self.max_stuck:
             raise Saturated
-        runner = self.idle.pop() if self.idle else _Runner(self.nice)
+        runner = self.idle.pop() if self.idle else _Runner()
         call = _Call(fn)
         runner.submit(call)
         if not call.done.wait(timeout_s):
@@ -126,3 +97,7 @@ class Executor:
             raise TimeoutError
         self.idle.append(runner)
         return call
+
+    def stuck_calls(self) -> int:
+        """Calls hung past their deadline that have not returned yet."""
+        return sum(r.busy() for r in list(self.stuck))

@@ -1,7 +1,12 @@
 """The offline mode of the serving component: logged records sent through champion and shadow in process, one at a
 time, and logged as the live service logs them; and the replay review the quarterly run gives a new challenger
 (`shadow.review: replay`): logged traffic of the replay share of conversations only (in no calibration version:
-never rows that trained, picked or judged the models) replayed through both, reviewed, and acted on at once."""
+never rows that trained, picked or judged the models) replayed through both, reviewed, and acted on at once.
+
+A challenger is replayed only on logged answers of its own role: the intent classifier's turns at the traffic
+store's root, the escalation detector's and the reranker's in their model's folder below it. Where the window's
+traffic carries none (the bundled sample logs intents only), the challenger stays @challenger and nothing is read
+or run beyond finding that out."""
 
 from __future__ import annotations
 
@@ -15,13 +20,15 @@ from pathlib import Path
 
 from qat_tasks.core import registry, tracking
 from qat_tasks.core.config import PipelineConfig
-from qat_tasks.core.schema import SERVED_ROLES
+from qat_tasks.core.schema import INTENT_ROLE, SERVED_ROLES
 from qat_tasks.data.labels import read_labels
-from qat_tasks.data.pii import scrub
 from qat_tasks.data.sampling import REPLAY, seed_key, seeded_priority, split_of
-from qat_tasks.data.traffic_log import LogWriter, read_records
+from qat_tasks.data.traffic_log import read_records
 from qat_tasks.promotion import shadow
+from qat_tasks.promotion.traffic import log_root, read_role_records
+from qat_tasks.serving.logs import RecordWriter
 from qat_tasks.serving.models import ServedModel, ServingError
+from qat_tasks.serving.requests import agree, answer_fields, inputs_of, request_of_record
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +37,11 @@ def replay(cfg: PipelineConfig, model_name: str, records, out_root: str, champio
            shadow: str = registry.SHADOW, progress: bool = True) -> dict:
     """Send logged records through champion and shadow in process, one request at a time, each model timed on its
     own, and log both answers under `out_root` as the live service would, keeping each record's request_id,
-    conversation_id, turn, timestamp, locale and reviewed_label. A shadow error or an answer past
+    conversation_id, turn, timestamp, locale and (intent records) reviewed_label. A shadow error or an answer past
     serving.shadow_timeout_ms is counted and not logged, as live."""
     workdir = Path(tempfile.mkdtemp(prefix="qat-replay-"))
-    models = [ServedModel(cfg, model_name, alias, workdir) for alias in (champion, shadow)]
+    models = [ServedModel.load(cfg, model_name, alias, workdir) for alias in (champion, shadow)]
+    role = models[0].role
     limit_ms = cfg.serving.shadow_timeout_ms
     counts: Counter = Counter()
     iterator = records
@@ -42,20 +50,20 @@ def replay(cfg: PipelineConfig, model_name: str, records, out_root: str, champio
 
         iterator = tqdm(records, desc=f"replaying through v{models[0].version} and v{models[1].version}",
                         unit="request", mininterval=5)
-    writer = LogWriter(out_root, cfg.traffic.s3_endpoint_url, flush_records=5000, flush_seconds=60, prefix="replay")
+    writer = RecordWriter(out_root, cfg.traffic.s3_endpoint_url, flush_records=5000, flush_seconds=60, prefix="replay")
     try:
         for rec in iterator:
-            # As the live service does: both models answer, and the log holds, the text scrubbed of personal
-            # data (an older writer's logs may still carry some).
-            found: Counter = Counter()
-            text = scrub(rec.text, found)
-            base = {**rec.model_dump(), "text": text, "runtime": "onnxruntime",
+            # As the live service does: the log holds the request scrubbed of personal data (an older writer's logs
+            # may still carry some), and here both models answer that.
+            fields, found = request_of_record(rec)
+            sent = inputs_of(fields)
+            base = {**rec.model_dump(), **fields, "runtime": "onnxruntime",
                     "pii_scrubbed": dict(found + Counter(rec.pii_scrubbed or {})) or None}
             answers = []
             for model in models:
                 t0 = time.perf_counter()
                 try:
-                    ((intent, conf),) = model.predict([text])
+                    answer = model.answer(sent)
                 except Exception as exc:
                     if model is models[0]:
                         raise ServingError(f"champion {models[0].describe()} failed on request {rec.request_id}: "
@@ -66,14 +74,14 @@ def replay(cfg: PipelineConfig, model_name: str, records, out_root: str, champio
                 if model is models[1] and ms > limit_ms:
                     counts["timeouts"] += 1
                     continue
-                answers.append(intent)
+                answered = answer_fields(role, answer, fields)
+                answers.append(answered)
                 writer.write({**base, "event": model.event if model is models[0] else "shadow_inference",
-                              "model": model.model_field, "intent": intent, "confidence": round(conf, 6),
-                              "latency_ms": round(ms, 3)})
+                              "model": model.model_field, **answered, "latency_ms": round(ms, 3)})
             counts["requests"] += 1
             if len(answers) == 2:
                 counts["answered"] += 1
-                counts["agree"] += answers[0] == answers[1]
+                counts["agree"] += agree(role, answers[0], answers[1])
     finally:
         writer.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -87,16 +95,26 @@ def replay(cfg: PipelineConfig, model_name: str, records, out_root: str, champio
             "shadow_version": models[1].version, "records": writer.stats["records"], "files": writer.stats["files"]}
 
 
-def replay_records(cfg: PipelineConfig, start: date, end: date):
+def replay_records(cfg: PipelineConfig, start: date, end: date, model_name: str | None = None):
     """Logged requests of the window from the replay conversations (calibration.split_fractions.replay: in no
     calibration version, so never rows that trained, picked or judged the models), a seeded sample of at most
-    shadow.replay_max_requests."""
-    records, stats = read_records(cfg.traffic_source, datetime(start.year, start.month, start.day, tzinfo=UTC),
-                                  datetime(end.year, end.month, end.day, tzinfo=UTC), cfg.traffic.s3_endpoint_url)
-    # The turns' review labels: written beside them, up to calibration.label_lookahead_days after the window.
-    labels, _ = read_labels(cfg.traffic_roots, start, end + timedelta(days=cfg.calibration.label_lookahead_days),
-                            cfg.traffic.s3_endpoint_url)
-    records, joined = labels.join(records)
+    shadow.replay_max_requests: the intent classifier's turns (with their review labels), or another served
+    model's own logged answers."""
+    first, last = (datetime(d.year, d.month, d.day, tzinfo=UTC) for d in (start, end))
+    role = cfg.model(model_name).role if model_name else INTENT_ROLE
+    if role == INTENT_ROLE:
+        records, stats = read_records(cfg.traffic_source, first, last, cfg.traffic.s3_endpoint_url)
+        # The turns' review labels: written beside them, up to calibration.label_lookahead_days after the window.
+        labels, _ = read_labels(cfg.traffic_roots, start, end + timedelta(days=cfg.calibration.label_lookahead_days),
+                                cfg.traffic.s3_endpoint_url)
+        records, joined = labels.join(records)
+    else:
+        records, stats, joined = [], Counter(), Counter()
+        for root in cfg.traffic_roots:
+            found, read = read_role_records(log_root(root, model_name, role), first, last, role,
+                                            cfg.traffic.s3_endpoint_url)
+            records += found
+            stats.update(read)
     seen, chosen = set(), []
     for r in records:
         if r.event == "shadow_inference" or r.request_id in seen or split_of(cfg, r.conversation_id) != REPLAY:
@@ -122,8 +140,19 @@ def shadow_challenger(cfg: PipelineConfig, decision: dict, window: dict, ctx: tr
         return {"model": model_name, "outcome": "no challenger to shadow"}
     role = cfg.model(model_name).role
     if role not in SERVED_ROLES:
-        return {"model": model_name, "outcome": f"v{version} stays @challenger: the serving component logs intents "
-                                                f"(the traffic schema records intents), so the {role.replace('_', ' ')} is not shadowed on live traffic"}
+        return {"model": model_name, "outcome": f"v{version} stays @challenger: the serving component serves the "
+                                                f"encoders, so the {role.replace('_', ' ')} is not shadowed"}
+    start, end = date.fromisoformat(window["start"]), date.fromisoformat(window["end"])
+    records = None
+    if cfg.shadow.review == "replay" and role != INTENT_ROLE:
+        # Replayed only on its own logged answers: without any in the window there is nothing to review it on.
+        records = replay_records(cfg, start, end, model_name)
+        if not records:
+            return {"model": model_name, "outcome": f"v{version} stays @challenger: the logged traffic of "
+                                                    f"{window['start']}..{window['end']} carries no "
+                                                    f"{role.replace('_', ' ')} answers to replay, so it is not "
+                                                    f"shadowed in this run (with shadow.review: live the service "
+                                                    f"mirrors it)"}
     deployed = shadow.deploy(cfg, model_name, version, ctx)
     if cfg.shadow.review == "live":
         return {"model": model_name, "outcome": f"v{version} in shadow since {deployed['deployed_at']}; the "
@@ -133,8 +162,11 @@ def shadow_challenger(cfg: PipelineConfig, decision: dict, window: dict, ctx: tr
     if cached is None:
         out = cfg.state_path / "shadow-replay" / ctx.run_id.replace(":", "_") / model_name
         shutil.rmtree(out, ignore_errors=True)  # a retried replay starts clean: no request logged twice
-        records = replay_records(cfg, date.fromisoformat(window["start"]), date.fromisoformat(window["end"]))
+        if records is None:
+            records = replay_records(cfg, start, end, model_name)
         replay(cfg, model_name, records, str(out))
-        replayed, _ = read_records(str(out), datetime(1970, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(days=1))
+        since, until = datetime(1970, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(days=1)
+        replayed, _ = (read_records(str(out), since, until) if role == INTENT_ROLE
+                       else read_role_records(str(out), since, until, role))
         cached = shadow.review(cfg, model_name, replayed, ctx, f"replay of {window['start']}..{window['end']}", parent_run_id)
     return {**shadow.act_on(cfg, model_name, cached, ctx), "outcome": cached["verdict"]}

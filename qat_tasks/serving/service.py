@@ -1,15 +1,13 @@
-"""The serving component: an HTTP service that answers with @champion and mirrors every request to @shadow.
+"""The serving component: an HTTP service that answers with each hosted encoder's @champion and mirrors every
+request to its @shadow.
 
-It holds the champion, the shadow, the mirror, the log writer and the alias polling; the HTTP routes (`app`) only
-call into it.
+It hosts the intent classifier, the escalation detector and the reranker (or those named), one model per role. The
+champions answer in the request path, in this process. The mirrors go to the shadow process (`mirror`,
+`shadow_worker`) through a bounded queue that the request never waits on. Both answers are logged in the traffic
+schema: the intent classifier's at the log root (the next quarter's calibration source), the others' in their
+model's own folder below it. Aliases are polled, so a promotion or rollback is served without a restart.
 
-The champion answers in the request path. The mirror goes to a bounded queue that the request never waits on (full:
-the mirror is dropped and counted). Shadow workers run at a lower CPU priority and give each call a deadline: an
-exception is an error, a late answer a timeout. A call that hangs keeps its thread; later mirrors run on fresh ones
-(at most MAX_STUCK_CALLS hung at once, beyond that mirrors are dropped until one returns). Both answers are logged
-in the traffic schema, so the service's logs are the next quarter's calibration source.
-
-The shadow's threads are `executor` and `mirror`; the offline mode is `replay`.
+The HTTP routes are `app`; the offline mode is `replay`.
 """
 
 from __future__ import annotations
@@ -20,128 +18,197 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
-
-import numpy as np
 
 from qat_tasks.core import registry, tracking
 from qat_tasks.core.config import PipelineConfig
 from qat_tasks.core.schema import SCHEMA_VERSION, SERVED_ROLES
-from qat_tasks.data.pii import scrub
-from qat_tasks.data.traffic_log import LogWriter, refuse_bundled_sample
-from qat_tasks.serving.executor import MAX_STUCK_CALLS, in_thread
-from qat_tasks.serving.mirror import Counters, Mirror
-from qat_tasks.serving.models import ServedModel, ServingError, not_served
+from qat_tasks.data.traffic_log import refuse_bundled_sample
+from qat_tasks.promotion.traffic import log_root
+from qat_tasks.serving.logs import RecordWriter
+from qat_tasks.serving.metrics import ServiceMetrics
+from qat_tasks.serving.mirror import Mirror
+from qat_tasks.serving.models import ServedModel, ServingError, fetch, not_served
+from qat_tasks.serving.requests import ENDPOINTS, ROLE_OF, answer_fields, inputs, logged_request, response
 
 log = logging.getLogger(__name__)
 
 
-class Service:
-    """Champion, shadow, mirror, log writer and alias polling; the HTTP layer (create_app) only calls into it."""
+class NotHosted(ServingError):
+    """A request for a role this service does not host, or whose @champion is not loaded (yet)."""
 
-    def __init__(self, cfg: PipelineConfig, model_name: str, mirror: bool = True):
-        role = cfg.model(model_name).role
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class Hosted:
+    """One hosted model: its configured name, role, where it logs, and its champion (None until one loads)."""
+
+    def __init__(self, cfg: PipelineConfig, name: str):
+        self.name, self.role = name, cfg.model(name).role
+        self.registered = tracking.registered_name(cfg, name)
+        self.root = log_root(cfg.serving_log_dir, name, self.role)
+        self.champion: ServedModel | None = None
+
+
+def hosted_names(cfg: PipelineConfig, models: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """The configured models to host: those named, else every served encoder of the config; one per role."""
+    if isinstance(models, str):
+        models = [models]
+    names = list(dict.fromkeys(models)) if models else [m.name for m in cfg.models if m.role in SERVED_ROLES]
+    by_role: dict[str, str] = {}
+    for name in names:
+        role = cfg.model(name).role
         if role not in SERVED_ROLES:
-            raise not_served(tracking.registered_name(cfg, model_name), role)
-        self.cfg, self.model_name, self.mirroring = cfg, model_name, mirror
+            raise not_served(tracking.registered_name(cfg, name), role)
+        if role in by_role:
+            raise ServingError(f"{by_role[role]} and {name} are both {role}s; one service answers {ENDPOINTS[role]} "
+                               f"with one model: pick one with --model")
+        by_role[role] = name
+    if not names:
+        raise ServingError(f"profile {cfg.profile} configures no encoder to serve ({', '.join(SERVED_ROLES)})")
+    return names
+
+
+class Service:
+    """Champions, the shadow process, log writers, metrics and alias polling; the HTTP layer only calls into it.
+
+    `models`: a configured name or names (required to load), or None for every served encoder of the config (one
+    without a @champion is skipped until a poll finds one). `idle_shadow` puts the shadow process under SCHED_IDLE
+    (the service does; tests keep it niced only, so a busy machine cannot starve their shadow past its deadline).
+    `shadow_factory` builds the shadow's models in the shadow process (default ServedModel)."""
+
+    def __init__(self, cfg: PipelineConfig, models: str | list[str] | None = None, mirror: bool = True, *,
+                 idle_shadow: bool = False, shadow_factory=None):
+        names = hosted_names(cfg, models)
+        self.cfg, self.mirroring = cfg, mirror
         refuse_bundled_sample(cfg.serving_log_dir)
         self.workdir = Path(tempfile.mkdtemp(prefix="qat-serving-"))
-        self.champion = ServedModel(cfg, model_name, registry.CHAMPION, self.workdir)
-        self.shadow = self._load_shadow()
+        self.hosted = {name: Hosted(cfg, name) for name in names}
+        self.by_role = {h.role: h for h in self.hosted.values()}
+        for h in self.hosted.values():
+            try:
+                h.champion = ServedModel.load(cfg, h.name, registry.CHAMPION, self.workdir)
+            except ServingError as exc:
+                if models:
+                    raise
+                log.warning("%s: %s is not served until a @champion appears", exc, h.name)
+        if not any(h.champion for h in self.hosted.values()):
+            raise ServingError(f"none of {', '.join(names)} has a loadable @champion in {cfg.tracking_uri}")
         sc = cfg.serving
-        self.writer = LogWriter(cfg.serving_log_dir, cfg.traffic.s3_endpoint_url, sc.log_flush_records,
-                                sc.log_flush_seconds)
-        self.counts = Counters()
-        self.latencies: deque = deque(maxlen=10_000)  # the champion's, for the summary's quantiles
-        self.mirror = Mirror(self)
+        self.writers = {root: RecordWriter(root, cfg.traffic.s3_endpoint_url, sc.log_flush_records,
+                                           sc.log_flush_seconds) for root in {h.root for h in self.hosted.values()}}
+        self.refused = 0  # records the schema refused (a bug, counted in qat_log_errors_total)
+        self.metrics = ServiceMetrics(self._scrape)
+        self.mirror = Mirror({"timeout_ms": sc.shadow_timeout_ms, "workers": sc.shadow_workers,
+                              "queue_size": sc.shadow_queue_size, "nice": sc.shadow_nice, "idle": idle_shadow,
+                              "threads": sc.threads, "endpoint_url": cfg.traffic.s3_endpoint_url,
+                              "flush_records": sc.log_flush_records, "flush_seconds": sc.log_flush_seconds,
+                              "factory": shadow_factory}, self.metrics)
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
+        self.mirror.update({h.name: self._fetch_shadow(h) for h in self.hosted.values()})
+        self.mirror.wait_ready(sc.shadow_start_timeout_s)
         if sc.reload_interval_s > 0:
             threading.Thread(target=self._poll, args=(sc.reload_interval_s,), daemon=True, name="alias-poll").start()
         log.info("%s", self.describe())
 
     def describe(self) -> str:
-        shadow = self.shadow
-        if shadow is None:
-            mirroring = "no @shadow to mirror to"
-        else:
-            mirroring = (f"mirroring to {shadow.describe()} with a {self.cfg.serving.shadow_timeout_ms:.0f} ms "
-                         f"deadline" + ("" if self.mirroring else " (off)"))
-        return (f"serving {self.champion.registered} {self.champion.describe()}; {mirroring}; logging to "
-                f"{self.cfg.serving_log_dir}")
+        lines = []
+        for h in self.hosted.values():
+            champion = f"{h.registered} {h.champion.describe()}" if h.champion else f"{h.registered}: no @champion"
+            shadow = self.mirror.shadow_info(h.name)
+            mirroring = (f"mirroring to v{shadow['version']} with a {self.cfg.serving.shadow_timeout_ms:.0f} ms "
+                         f"deadline" + ("" if self.mirroring else " (off)")) if shadow else "no @shadow to mirror to"
+            lines.append(f"serving {ENDPOINTS[h.role]}: {champion}; {mirroring}; logging to {h.root}")
+        return "\n".join(lines)
 
-    def _load_shadow(self) -> ServedModel | None:
-        """The @shadow version, or None (logged) when there is none or it cannot be loaded: the champion serves
-        either way."""
-        try:  # created on a niced thread, so a multi-threaded ONNX Runtime pool starts niced too
-            return in_thread(lambda: ServedModel(self.cfg, self.model_name, registry.SHADOW, self.workdir),
-                              self.cfg.serving.shadow_nice)
+    def _fetch_shadow(self, h: Hosted) -> tuple | None:
+        """The @shadow version's package and log root, or None (logged) when there is none or it cannot be fetched:
+        the champion serves either way."""
+        try:
+            return fetch(self.cfg, h.name, registry.SHADOW, self.workdir), h.root
         except ServingError as exc:
             log.info("%s: nothing to mirror to", exc)
         except Exception as exc:
-            log.warning("could not load @shadow of %s (%s: %s): not mirroring", self.champion.registered,
-                        type(exc).__name__, exc)
+            log.warning("could not fetch @shadow of %s (%s: %s): not mirroring it", h.registered, type(exc).__name__,
+                        exc)
         return None
 
+    # -- the request path -----------------------------------------------------------------------------------------
     def answer(self, req) -> dict:
-        """The champion's answer to one request (`app.IntentRequest`), logged and mirrored."""
-        champion = self.champion  # one model for the whole request, even if a reload swaps it meanwhile
+        """The champion's answer to one request (a `requests` body: its type says the role), logged and mirrored."""
+        role = ROLE_OF[type(req)]
+        h = self.by_role.get(role)
+        if h is None:
+            raise NotHosted(f"this service does not host a {role.replace('_', ' ')} (hosted: "
+                            f"{', '.join(self.hosted)}); start it without --model, or with --model for one", 404)
+        champion = h.champion  # one model for the whole request, even if a reload swaps it meanwhile
+        if champion is None:
+            raise NotHosted(f"{h.registered} has no @champion loaded yet; the alias poll loads it once it exists", 503)
+        sent = inputs(req)
         t0 = time.perf_counter()
-        ((intent, conf),) = champion.predict([req.text])
+        try:
+            answer = champion.answer(sent)
+        except Exception:
+            self.metrics.request_errors.labels(h.registered).inc()
+            raise
         ms = (time.perf_counter() - t0) * 1000
-        scrubbed: Counter = Counter()
-        text = scrub(req.text, scrubbed)  # what reaches the log: never the customer's personal data
-        self.counts.add("requests")
-        self.latencies.append(ms)
-        record = {"schema_version": SCHEMA_VERSION, "event": champion.event,
+        fields, scrubbed = logged_request(role, req)  # what reaches the log: never the customer's personal data
+        record = {"schema_version": SCHEMA_VERSION, **fields, "event": champion.event,
                   "request_id": req.request_id or f"req-{uuid.uuid4().hex}",
                   "conversation_id": req.conversation_id or f"conv-{uuid.uuid4().hex[:16]}", "turn": req.turn,
                   "timestamp": datetime.now(UTC), "model": champion.model_field, "runtime": "onnxruntime",
-                  "text": text, "intent": intent, "confidence": round(conf, 6), "latency_ms": round(ms, 3),
-                  "reviewed_label": None, "locale": req.locale, "pii_scrubbed": dict(scrubbed) or None}
-        self.log_record(record)
-        shadow = self.shadow
-        if self.mirroring and shadow is not None:
-            self.mirror.submit(shadow, record, req.text)
-        return {"request_id": record["request_id"], "intent": intent, "confidence": conf,
-                "model": champion.registered, "version": champion.version, "latency_ms": round(ms, 3)}
+                  **answer_fields(role, answer, fields), "latency_ms": round(ms, 3), "locale": req.locale,
+                  "pii_scrubbed": dict(scrubbed) or None, **({"reviewed_label": None} if role == "intent_classifier"
+                                                             else {})}
+        self.metrics.requests.labels(h.registered).inc()
+        self.metrics.champion_latency.labels(h.registered).observe(ms / 1000)
+        self.log_record(h, record)
+        if self.mirroring:
+            self.mirror.submit(h.name, record, sent)
+        return {"request_id": record["request_id"], **response(role, answer, req), "model": h.registered,
+                "version": champion.version, "latency_ms": round(ms, 3)}
 
-    def log_record(self, record: dict) -> None:
+    def log_record(self, h: Hosted, record: dict) -> None:
         """Log without failing the caller: a record that cannot be logged is counted, the answer still goes out."""
         try:
-            self.writer.write(record)
+            self.writers[h.root].write(record)
         except Exception as exc:
-            self.counts.add("log_errors")
+            self.refused += 1
             log.warning("could not log a %s record: %s", record.get("event"), exc)
 
+    # -- aliases --------------------------------------------------------------------------------------------------
     def reload(self) -> dict:
-        """Follow the aliases: load the version @champion or @shadow now points at, then swap it in."""
+        """Follow the aliases: load the versions @champion and @shadow now point at, then swap them in. A champion
+        that fails to load raises (the loaded one keeps serving); a shadow that fails is retried at the next poll."""
         with self._reload_lock:
             client = tracking.configure(self.cfg)
-            name = self.champion.registered
-            mv = registry.alias_version(client, name, registry.CHAMPION)
-            if mv is None:
-                log.warning("%s has no @champion any more; still serving %s", name, self.champion.describe())
-            elif str(mv.version) != self.champion.version:
-                loaded = ServedModel(self.cfg, self.model_name, registry.CHAMPION, self.workdir)
-                log.info("@champion moved: now serving %s %s (was v%s)", name, loaded.describe(),
-                         self.champion.version)
-                self.champion = loaded
-            mv = registry.alias_version(client, name, registry.SHADOW)
-            if mv is None:
-                if self.shadow is not None:
-                    log.info("@shadow removed: mirroring to %s stops", self.shadow.describe())
-                    self.shadow = None
-            elif self.shadow is None or str(mv.version) != self.shadow.version:
-                # A version that fails to load is retried on the next poll; meanwhile nothing is mirrored (the
-                # old shadow is no longer the one under review).
-                loaded = self._load_shadow()
-                if loaded is not None:
-                    log.info("@shadow moved: now mirroring to %s (was %s)", loaded.describe(),
-                             f"v{self.shadow.version}" if self.shadow else "none")
-                self.shadow = loaded
+            shadows = {}
+            for h in self.hosted.values():
+                mv = registry.alias_version(client, h.registered, registry.CHAMPION)
+                if mv is None:
+                    if h.champion is not None:
+                        log.warning("%s has no @champion any more; still serving %s", h.registered,
+                                    h.champion.describe())
+                elif h.champion is None or str(mv.version) != h.champion.version:
+                    loaded = ServedModel.load(self.cfg, h.name, registry.CHAMPION, self.workdir)
+                    log.info("@champion moved: now serving %s %s (was %s)", h.registered, loaded.describe(),
+                             f"v{h.champion.version}" if h.champion else "none")
+                    h.champion = loaded
+                mv = registry.alias_version(client, h.registered, registry.SHADOW)
+                wanted = self.mirror.wanted.get(h.name)
+                if mv is None:
+                    if wanted is not None:
+                        log.info("@shadow removed: mirroring to %s v%s stops", h.registered, wanted[0].version)
+                    shadows[h.name] = None
+                elif wanted is None or wanted[0].version != str(mv.version) or h.name in self.mirror.failed:
+                    shadows[h.name] = self._fetch_shadow(h)
+            self.mirror.update(shadows)
+            self.mirror.wait_ready(self.cfg.serving.shadow_start_timeout_s)
             return self.health()
 
     def _poll(self, seconds: float) -> None:
@@ -152,61 +219,47 @@ class Service:
                 log.warning("could not check the aliases (%s: %s); serving the versions already loaded",
                             type(exc).__name__, exc)
 
+    # -- health and metrics ---------------------------------------------------------------------------------------
+    def _model_health(self, h: Hosted) -> dict:
+        wanted = self.mirror.wanted.get(h.name)
+        c = h.champion
+        return {"registered": h.registered, "role": h.role, "endpoint": ENDPOINTS[h.role],
+                "champion": c.version if c else None, "champion_precision": c.precision if c else None,
+                "shadow": wanted[0].version if wanted else None,
+                "shadow_precision": wanted[0].meta.get("precision", "fp32") if wanted else None,
+                "mirroring": self.mirroring and self.mirror.shadow_info(h.name) is not None,
+                "shadow_state": self.mirror.state(h.name, self.mirroring)}
+
     def health(self) -> dict:
-        shadow, stuck = self.shadow, self.mirror.stuck()
-        if shadow is None:
-            state = "no shadow"
-        elif not self.mirroring:
-            state = "mirroring off"
-        elif stuck >= MAX_STUCK_CALLS * len(self.mirror.executors):
-            state = f"stalled: {stuck} shadow calls hung; mirrors are dropped until one returns"
-        else:
-            state = "mirroring" + (f" ({stuck} shadow calls hung)" if stuck else "")
-        return {"status": "ok", "model": self.champion.registered, "champion": self.champion.version,
-                "champion_precision": self.champion.precision, "shadow": shadow.version if shadow else None,
-                "shadow_precision": shadow.precision if shadow else None, "mirroring": self.mirroring,
-                "shadow_state": state, "mirror_queue": self.mirror.queue.qsize()}
+        models = {name: self._model_health(h) for name, h in self.hosted.items()}
+        process = self.mirror.health()
+        return {"status": "ok" if all(m["champion"] for m in models.values()) else "degraded",
+                "mirroring": self.mirroring, "mirror_queue": process["queue"], "shadow_process": process,
+                "models": models}
 
-    def metrics_text(self) -> str:
-        c, m = self.counts.snapshot(), self.mirror.counts.snapshot()
-        lat = np.array(self.latencies)
-        lbl = f'model="{self.champion.registered}",version="{self.champion.version}"'
-        out: list[str] = []
+    def _log_figures(self) -> dict:
+        figures = Counter()
+        for writer in self.writers.values():
+            figures.update(writer.health())
+        return {"records": figures["records"], "errors": figures["dropped"] + self.refused,
+                "flush_errors": figures["flush_errors"], "pending": figures["pending"]}
 
-        def metric(name: str, kind: str, text: str, value) -> None:
-            out.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name}{{{lbl}}} {value}"])
+    def _scrape(self) -> dict:
+        process = self.mirror.health()
+        return {"log": {"service": self._log_figures(), "shadow": self.mirror.log_figures()},
+                "models": [self._model_health(h) for h in self.hosted.values()], "queue": process["queue"],
+                "worker_up": int(process["up"])}
 
-        metric("qat_requests_total", "counter", "Requests answered by the champion.", c["requests"])
-        out += ["# HELP qat_champion_latency_ms Champion inference time per request (last 10000 requests).",
-                "# TYPE qat_champion_latency_ms summary"]
-        out += [f'qat_champion_latency_ms{{{lbl},quantile="{q}"}} '
-                f'{np.percentile(lat, 100 * q) if lat.size else float("nan"):.3f}' for q in (0.5, 0.95, 0.99)]
-        out += [f"qat_champion_latency_ms_sum{{{lbl}}} {lat.sum():.3f}",
-                f"qat_champion_latency_ms_count{{{lbl}}} {lat.size}"]
-        for key, text in {"mirrored": "Requests handed to the shadow.",
-                          "answered": "Shadow answers within the deadline.",
-                          "errors": "Shadow calls that raised.",
-                          "timeouts": "Shadow calls past the deadline (late or hung).",
-                          "dropped": "Mirrors dropped: queue full, or every shadow thread hung."}.items():
-            metric(f"qat_shadow_{key}_total", "counter", text, m[key])
-        metric("qat_shadow_agreement", "gauge", "Share of shadow answers equal to the champion's.",
-               f"{m['agree'] / m['answered']:.4f}" if m["answered"] else "NaN")
-        metric("qat_log_records_total", "counter", "Traffic records written to the log.", self.writer.stats["records"])
-        metric("qat_log_errors_total", "counter", "Records that could not be logged.",
-               c["log_errors"] + self.writer.stats["dropped"])
-        metric("qat_log_flush_errors_total", "counter", "Log flushes that failed (records kept, retried).",
-               self.writer.stats["flush_errors"])
-        metric("qat_log_pending_records", "gauge", "Records buffered, not yet written.", self.writer.pending)
-        metric("qat_mirroring_enabled", "gauge", "Whether requests are mirrored now.",
-               int(self.mirroring and self.shadow is not None))
-        return "\n".join(out) + "\n"
+    def metrics_text(self) -> bytes:
+        return self.metrics.text()
 
     def close(self) -> None:
         self._stop.set()
         try:
-            self.writer.close()
+            self.mirror.close()  # the shadow process writes the records it holds
+            for writer in self.writers.values():
+                writer.close()
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)  # sessions are in memory; the downloads are not needed
-        log.info("stopped; %d log records written in %d files", self.writer.stats["records"],
-                 self.writer.stats["files"])
-
+        figures = self._log_figures()
+        log.info("stopped; %d log records written", figures["records"])
