@@ -1,8 +1,10 @@
 """Daily review of models running in shadow (`shadow.review: live`).
 
-A challenger the quarterly run put in @shadow is mirrored live by the serving component. Once it has run for
-`shadow.live_window_hours`, this DAG reviews it on the service's logs (agreement, per-class disagreement, latency,
-unanswered mirrors, gates on the reviewed labels that arrived) and acts: promotion, retirement of a failed
+A challenger the quarterly run put in @shadow is mirrored live by the serving component: the intent classifier, the
+escalation detector and the reranker alike. Once it has run for `shadow.live_window_hours`, this DAG reviews it on
+the service's logs (agreement with the champion: the same intent, escalate decision or top passage; per-class
+disagreement; overlap@k for the reranker; latency; unanswered mirrors; for the intent classifier the gates on the
+reviewed labels that arrived) and acts: promotion, retirement of a failed
 shadow, or more shadowing when the evidence is still short. With `shadow.promotion: manual` a passed review waits
 for a person: the `approve_<model>` task (Airflow's human-in-the-loop approval, answered in the UI's Required
 Actions) asks, and only "Approve" runs `promote_<model>`, which records the approver on the version;

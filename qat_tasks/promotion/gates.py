@@ -55,6 +55,9 @@ FAILURE_MODES = {
     "agreement": ("disagrees with the champion on live traffic",
                   "read the per-class disagreement of the review; recalibrate on recent logs if live traffic has "
                   "moved away from the calibration set"),
+    "overlap_at_k": ("reorders the champion's top passages on live traffic",
+                     "read the review's top-1 agreement and overlap@k; recalibrate the reranker on recent queries and "
+                     "passages, or keep its most sensitive layers in FP32"),
     "shadow_error_rate": ("unreliable in serving",
                           "read the service's /metrics: errors are exceptions, timeouts are answers later than "
                           "serving.shadow_timeout_ms, drops are a full mirror queue"),
@@ -322,6 +325,12 @@ def shadow_gates(shadow: dict, champion: dict, cfg: ShadowConfig, quality: Encod
             out.append(_macro_f1(shadow, champion, quality.max_accuracy_drop_pts, pairing))
         out.append(_ece(shadow, champion, quality.max_ece_increase, pairing, key="ece"))
     return out
+
+
+def overlap_gate(shadow: dict, min_overlap: float) -> GateResult:
+    """A reranker shadow keeps at least `min_overlap` of the champion's top k passages in its own top k."""
+    return _result("overlap_at_k", shadow["overlap_at_k"] >= min_overlap, shadow["overlap_at_k"], 1.0,
+                   f">= {min_overlap:.3f} of the champion's top k passages in the shadow's top k")
 
 
 def weighted_macro_f1(o: dict, classes: int, w: np.ndarray) -> np.ndarray:

@@ -3,9 +3,10 @@
   deploy    the @challenger (registered only when every offline gate passed) gets @shadow: the serving component
             mirrors live requests to it without affecting the champion's answers
   review    on mirrored traffic, live (the service's logs since deployment) or replayed (`serving.replay`: logged
-            traffic of the run's window, evaluation conversations only, sent through both models): agreement with
-            the champion, per-class disagreement, latency deltas, unanswered mirrors, and the quality gates again on
-            whatever reviewed labels arrived. Too little evidence decides nothing: the shadow keeps running.
+            traffic of the run's window, replay conversations only, sent through both models): agreement with
+            the champion (intent, escalate decision, top passage), per-class disagreement, overlap@k (reranker),
+            latency deltas, unanswered mirrors, and, for the intent classifier, the quality gates again on whatever
+            reviewed labels arrived. Too little evidence decides nothing: the shadow keeps running.
   act       a passed review promotes (shadow.promotion: auto) or waits for a person; a failed one takes the
             version out of shadow (`release` holds promote and rollback)
 Each review is an MLflow run with its evidence in the model's experiment, and the verdict is tagged on the version.
@@ -20,10 +21,11 @@ import numpy as np
 
 from qat_tasks.core import plots, registry, tracking
 from qat_tasks.core.config import PipelineConfig
-from qat_tasks.core.schema import INTENTS
+from qat_tasks.core.schema import INTENT_ROLE, INTENTS
 from qat_tasks.data.labels import index as labels_index
-from qat_tasks.promotion import gates
+from qat_tasks.promotion import gates, shadow_roles
 from qat_tasks.promotion.release import PromotionError, promote
+from qat_tasks.promotion.traffic import log_root, read_role_records
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +123,15 @@ def review(cfg: PipelineConfig, model_name: str, records, ctx: tracking.RunConte
                              f"(has {'@champion' if champion_mv else 'no @champion'}, "
                              f"{'@shadow' if shadow_mv else 'no @shadow'})")
     cv, sv = str(champion_mv.version), str(shadow_mv.version)
+    role = cfg.model(model_name).role
     champ, pairs = pair(records, name, cv, sv)
-    shadow_m, champ_m, details = measure(cfg, champ, pairs)
+    shadow_m, champ_m, details = (measure(cfg, champ, pairs) if role == INTENT_ROLE
+                                  else shadow_roles.measure(role, champ, pairs))
     sc = cfg.shadow
     short = []
     if shadow_m["mirrored"] < sc.min_mirrored_requests:
         short.append(f"{shadow_m['mirrored']} mirrored requests < {sc.min_mirrored_requests}")
-    if shadow_m["reviewed"] < sc.min_reviewed_labels:
+    if role == INTENT_ROLE and shadow_m["reviewed"] < sc.min_reviewed_labels:  # review labels are intents
         short.append(f"{shadow_m['reviewed']} reviewed labels < {sc.min_reviewed_labels}")
     pairing = None
     if "outcomes" in details:
@@ -135,6 +139,8 @@ def review(cfg: PipelineConfig, model_name: str, records, ctx: tracking.RunConte
         pairing = gates.Pairing(o["shadow"], o["champion"], gates.judgement_of(cfg.gates, cfg.calibration.seed))
     results = gates.shadow_gates(shadow_m, champ_m, sc, cfg.gates.intent_classifier, pairing,
                                  ", ".join(cfg.calibration.rare_intents)) if pairs else []
+    if pairs and "overlap_at_k" in shadow_m:
+        results.append(gates.overlap_gate(shadow_m, sc.min_overlap_at_k))
     unresolved = [r for r in results if r.insufficient and not r.passed]
     if short:
         verdict = "insufficient_evidence"
@@ -150,7 +156,7 @@ def review(cfg: PipelineConfig, model_name: str, records, ctx: tracking.RunConte
         verdict, why = "failed", gates.summarize(results)
 
     tags = {**ctx.tags(), "stage": "shadow-review", "champion.version": cv, "shadow.version": sv,
-            "review.source": source}
+            "review.source": source, "role": role}
     with tracking.stage_run(exp_id, key, f"shadow review v{sv} vs v{cv}", tags, parent_run_id) as run:
         mlflow.log_params({"source": source, "champion_version": cv, "shadow_version": sv,
                            **{f"shadow.{k}": v for k, v in sc.model_dump().items()}})
@@ -165,13 +171,16 @@ def review(cfg: PipelineConfig, model_name: str, records, ctx: tracking.RunConte
             mlflow.log_figure(fig, "plots/gate_intervals.png")
             plots.close(fig)
         if details["per_class"]:
-            mlflow.log_table(pd.DataFrame([{"champion_intent": k, **v} for k, v in details["per_class"].items()]),
+            answer = "champion_intent" if role == INTENT_ROLE else "champion_decision"
+            mlflow.log_table(pd.DataFrame([{answer: k, **v} for k, v in details["per_class"].items()]),
                              "per_class_disagreement.json")
-        if pairs:
-            fig = plots.confusion_matrix(details["agreement_matrix"], list(INTENTS),
+        if pairs and "agreement_matrix" in details:
+            fig = plots.confusion_matrix(details["agreement_matrix"], details.get("labels", list(INTENTS)),
                                          f"{model_name}: champion v{cv} (rows) vs shadow v{sv} (columns)")
             mlflow.log_figure(fig, "plots/agreement_matrix.png")
             plots.close(fig)
+        if "overlap_at_k" in details:
+            mlflow.log_dict({"overlap_at_k": details["overlap_at_k"]}, "overlap_at_k.json")
             fig = plots.latency_distribution({f"champion v{cv}": details["latency_ms"]["champion"],
                                               f"shadow v{sv}": details["latency_ms"]["shadow"]},
                                              f"{model_name}: latency on the same {len(pairs)} mirrored requests")
@@ -187,6 +196,7 @@ def review(cfg: PipelineConfig, model_name: str, records, ctx: tracking.RunConte
                   "champion_version": cv, "shadow_version": sv, "source": source,
                   "mirrored": shadow_m["mirrored"], "answered": shadow_m["answered"], "reviewed": shadow_m["reviewed"],
                   "agreement": round(shadow_m["agreement"], 4),
+                  **({"overlap_at_k": round(shadow_m["overlap_at_k"], 4)} if "overlap_at_k" in shadow_m else {}),
                   "failed_gates": [r.gate for r in results if not r.passed]}
         tracking.set_result(result)
     log.info("%s shadow v%s vs champion v%s (%s): %s on %d mirrored requests (%d reviewed), agreement %.3f: %s",
@@ -232,11 +242,17 @@ def review_live(cfg: PipelineConfig, model_name: str, ctx: tracking.RunContext, 
     due = since + timedelta(hours=cfg.shadow.live_window_hours)
     if now < due:
         return {"model": model_name, "outcome": f"v{mv.version} in shadow until {due.isoformat(timespec='minutes')}"}
-    found: list = []  # the review labels written in the same days, beside the mirrored turns
-    records, stats = read_records(cfg.serving_log_dir, since, now, cfg.traffic.s3_endpoint_url, labels=found)
-    records, joined = labels_index(found).join(records)
-    log.info("%s: %d review label(s) joined to the mirrored turns (%d orphaned, %d conflicting)", model_name,
-             joined["joined"], joined["orphaned"], joined["conflicting"])
+    role = cfg.model(model_name).role
+    if role == INTENT_ROLE:
+        found: list = []  # the review labels written in the same days, beside the mirrored turns
+        records, stats = read_records(cfg.serving_log_dir, since, now, cfg.traffic.s3_endpoint_url, labels=found)
+        records, joined = labels_index(found).join(records)
+        log.info("%s: %d review label(s) joined to the mirrored turns (%d orphaned, %d conflicting)", model_name,
+                 joined["joined"], joined["orphaned"], joined["conflicting"])
+    else:  # its own log folder; review labels are intents, so none joins
+        records, stats = read_role_records(log_root(cfg.serving_log_dir, model_name, role), since, now, role,
+                                           cfg.traffic.s3_endpoint_url)
+        joined = {"joined": 0}
     verdict = review(cfg, model_name, records, ctx, f"live {since.isoformat(timespec='minutes')}.."
                                                     f"{now.isoformat(timespec='minutes')}")
     return {**act_on(cfg, model_name, verdict, ctx), "outcome": verdict["verdict"], "invalid_lines": stats.get("invalid", 0),
