@@ -225,3 +225,76 @@ def intent_registry(intent_models, make_config, tmp_path) -> dict:
     os.environ["MLFLOW_TRACKING_URI"] = saved_uri
     mlflow.set_tracking_uri(saved_uri)
     mlflow.set_registry_uri(saved_uri)
+
+
+@pytest.fixture(scope="session")
+def role_models(tmp_path_factory) -> dict:
+    """A tiny random-initialised escalation detector and reranker (cross-encoder): for each, its Hugging Face
+    folder, the FP32 ONNX graph and a dynamic-INT8 graph of it (built once per session). Untrained: they serve
+    latency and plumbing, not quality."""
+    from transformers import set_seed
+
+    from qat_tasks.core.config import parse_config
+    from qat_tasks.data.role_splits import ESCALATION_LABELS, RERANK_LABELS
+    from qat_tasks.encoders.int8 import ort_quant
+    from qat_tasks.encoders.modeling import build_classifier, export_onnx
+
+    cfg = parse_config(tiny_config_dict(str(_SESSION / "traffic")), "test-config")
+    out = {}
+    for role, labels, pair in (("escalation_detector", list(ESCALATION_LABELS), False),
+                               ("reranker", list(RERANK_LABELS), True)):
+        root = tmp_path_factory.mktemp(role)
+        set_seed(1)
+        model, tokenizer = build_classifier(cfg, "tiny-random://bert", labels)
+        hf = root / "hf"
+        model.save_pretrained(hf)
+        tokenizer.save_pretrained(hf)
+        fp32 = export_onnx(model, tokenizer, root / "fp32" / "model.onnx", 32, pair=pair)
+        (root / "int8").mkdir()
+        int8 = ort_quant.quantize_dynamic(ort_quant.preprocess(fp32, root / "pre.onnx"), root / "int8" / "model.onnx")
+        out[role] = {"hf": hf, "fp32": fp32, "int8": int8, "labels": labels, "max_length": 32, "pair": pair}
+    return out
+
+
+ROLE_MODEL_NAMES = {"escalation_detector": "escalation-detector", "reranker": "reranker"}
+FIXTURE_THRESHOLD = 0.5
+
+
+@pytest.fixture()
+def encoder_registry(intent_registry, role_models, tmp_path) -> dict:
+    """intent_registry's store with the escalation detector and the reranker beside the intent classifier: for
+    each, v1 FP32 @champion and v2 dynamic INT8 @challenger and @shadow, registered the way the pipeline registers
+    them (the escalation detector's packages carry their recall-tuned threshold)."""
+    import shutil
+
+    import mlflow
+
+    from qat_tasks.core import registry, tracking
+    from qat_tasks.encoders import packaging
+
+    cfg, client = intent_registry["cfg"], intent_registry["client"]
+    out = {"intent_classifier": {"name": intent_registry["name"], "champion": intent_registry["champion"],
+                                 "shadow": intent_registry["shadow"]}}
+    for role, models in role_models.items():
+        model_name = ROLE_MODEL_NAMES[role]
+        exp = tracking.ensure_experiment(cfg, model_name)
+        name = tracking.registered_name(cfg, model_name)
+        versions = {}
+        for precision in ("fp32", "int8"):
+            with mlflow.start_run(experiment_id=exp, run_name=f"fixture {precision}") as run:
+                pkg = tmp_path / f"pkg-{role}-{precision}"
+                shutil.copytree(models["hf"], pkg / "hf")
+                meta = {"labels": models["labels"], "max_length": models["max_length"], "role": role,
+                        "pair": models["pair"], "precision": precision, "calibration_version": "fixture",
+                        "source": "tiny-random://bert",
+                        **({"threshold": FIXTURE_THRESHOLD} if role == "escalation_detector" else {})}
+                uri = packaging.log_encoder(pkg / "hf", models[precision], meta)
+                versions[precision] = registry.register(
+                    client, name, uri, f"fixture:{role}:{precision}", run.info.run_id,
+                    {"calibration_version": "fixture", "method": precision,
+                     **({"gates.offline": "passed"} if precision == "int8" else {})}, f"fixture {precision}")
+        client.set_registered_model_alias(name, registry.CHAMPION, versions["fp32"])
+        client.set_registered_model_alias(name, "challenger", versions["int8"])
+        client.set_registered_model_alias(name, "shadow", versions["int8"])
+        out[role] = {"name": name, "champion": versions["fp32"], "shadow": versions["int8"]}
+    return {**intent_registry, "roles": out}

@@ -1,19 +1,24 @@
-"""Shadow review, promotion and rollback against a real SQLite MLflow registry (fixture intent_registry: v1 FP32
-@champion, v2 INT8 @challenger/@shadow). Mirrored traffic is written as the service writes it: traffic-schema
-records, a champion record and a shadow record per request."""
+"""Shadow review, promotion and rollback against a real SQLite MLflow registry (fixtures intent_registry and
+encoder_registry: v1 FP32 @champion, v2 INT8 @challenger/@shadow of each encoder). Mirrored traffic is written as
+the service writes it: traffic-schema records, a champion record and a shadow record per request. Also the records
+the reviews read: every schema version, each role's records where they are asked for, the service's writer."""
 
 from __future__ import annotations
 
+import json
 import random
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from qat_tasks.core import registry
-from qat_tasks.core.schema import INTENTS, InferenceRecord
+from qat_tasks.core.schema import INTENTS, EscalationRecord, InferenceRecord, RankedCandidate, RerankRecord
 from qat_tasks.core.tracking import RunContext
+from qat_tasks.data.pii import scrub
 from qat_tasks.promotion import release, shadow
 from qat_tasks.serving import replay
+from tests.conftest import ROLE_MODEL_NAMES, WINDOW
 
 
 def ctx(run_id: str, reason: str = "test") -> RunContext:
@@ -140,8 +145,6 @@ def test_quarterly_step_replays_logged_traffic_reviews_and_promotes(intent_regis
     from qat_tasks.data.sampling import split_of
     from qat_tasks.data.traffic_log import read_records
 
-    from .conftest import WINDOW
-
     cfg = _with(intent_registry["cfg"], {"review": "replay", "replay_max_requests": 300, "min_agreement": 0.5,
                                          "max_p95_ratio": 100.0, "min_reviewed_labels": 30}, lenient_quality=True)
     window = {"start": WINDOW[0].isoformat(), "end": WINDOW[1].isoformat()}
@@ -164,8 +167,6 @@ def test_quarterly_step_replays_logged_traffic_reviews_and_promotes(intent_regis
 
 
 def test_quarterly_step_does_not_promote_a_shadow_that_fails_on_replay(intent_registry):
-    from .conftest import WINDOW
-
     cfg = _with(intent_registry["cfg"], {"review": "replay", "replay_max_requests": 300, "min_agreement": 1.0,
                                          "max_p95_ratio": 0.001, "min_reviewed_labels": 30}, lenient_quality=False)
     out = replay.shadow_challenger(cfg, {"model": "intent-classifier", "registered_version": "2"},
@@ -206,3 +207,227 @@ def test_production_never_promotes_on_replayed_evidence_nor_without_a_person(int
     release.promote(cfg, "intent-classifier", ctx("prod-p1", "reviewed the live shadow: approved"), approved_by="ops")
     assert aliases(intent_registry)["champion"] == "2"
     assert client.get_model_version(name, "2").tags["approved_by"] == "ops"
+
+
+def test_replay_sends_logged_traffic_through_both_and_keeps_reviewed_labels(intent_registry, traffic_dir, tmp_path):
+    from qat_tasks.data.traffic_log import read_records
+
+    reg = intent_registry
+    start, end = (datetime(d.year, d.month, d.day, tzinfo=UTC) for d in (WINDOW[0], WINDOW[0] + timedelta(days=1)))
+    logged, stats = read_records(str(traffic_dir), start, end, events={"quantized_inference", "inference"})
+    assert stats["invalid"] > 0  # the generated traffic has corrupt lines: counted, not returned
+    labelled = [r for r in logged if r.reviewed_label][:15]
+    chosen = labelled + [r for r in logged if not r.reviewed_label][:15]
+    assert len(labelled) == 15
+    result = replay.replay(reg["cfg"], "intent-classifier", chosen, str(tmp_path / "replay"), progress=False)
+    assert (result["champion_version"], result["shadow_version"]) == (reg["champion"], reg["shadow"])
+    assert result["requests"] == result["answered"] == len(chosen) and result["records"] == 2 * len(chosen)
+    out, out_stats = read_records(str(tmp_path / "replay"), start, end)
+    assert out_stats["invalid"] == 0 and len(out) == 2 * len(chosen)
+    by_id = {r.request_id: r for r in chosen}
+    assert Counter(r.event for r in out) == {"inference": len(chosen), "shadow_inference": len(chosen)}
+    for r in out:
+        src = by_id[r.request_id]
+        for field in ("conversation_id", "turn", "timestamp", "locale", "reviewed_label"):
+            assert getattr(r, field) == getattr(src, field), field
+        assert r.text == scrub(src.text)  # logged as the live service logs: scrubbed of personal data
+        version = reg["shadow"] if r.event == "shadow_inference" else reg["champion"]
+        assert r.model == f"{reg['name']}/v{version}" and r.runtime == "onnxruntime"
+
+
+# -- the escalation detector and the reranker -------------------------------------------------------------------------
+def role_mirrored(name: str, role: str, n: int, *, disagree: float = 0.0, reorder: float = 0.0, seed: int = 0,
+                  t0: datetime = datetime(2026, 11, 1, tzinfo=UTC), conversations=None) -> list:
+    """n requests of an escalation detector or reranker, answered by the champion (v1) and mirrored to the shadow
+    (v2), which decides otherwise (escalation) or puts another passage first (reranker) on a share `disagree`, and
+    (reranker) keeps the champion's first passage but replaces the rest of its top 3 on a share `reorder`."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        base = {"schema_version": 3, "role": role, "request_id": f"{role}-{i}", "turn": 0, "runtime": "onnxruntime",
+                "conversation_id": conversations[i] if conversations else f"conv-{i}",
+                "timestamp": t0 + timedelta(seconds=i)}
+        flip, moved = rng.random() < disagree, rng.random() < reorder
+        for event, version, ms in (("inference", 1, 6.0), ("shadow_inference", 2, 3.0)):
+            shadow_side = event == "shadow_inference"
+            if role == "escalation_detector":
+                esc = (i % 5 == 0) != (shadow_side and flip)
+                out.append(EscalationRecord(**base, event=event, model=f"{name}/v{version}", text=f"message {i}",
+                                            p_frustrated=0.9 if esc else 0.1, threshold=0.5, escalate=esc,
+                                            latency_ms=ms + rng.random()))
+            else:
+                ranking = [1, 0, 2] if shadow_side and flip else [0, 4, 5] if shadow_side and moved else [0, 1, 2]
+                cands = [RankedCandidate(id=f"d{j}", text=f"passage {j}", score=-float(ranking.index(j)) if j in ranking
+                                         else -9.0) for j in range(6)]
+                out.append(RerankRecord(**base, event=event, model=f"{name}/v{version}", query=f"query {i}",
+                                        candidates=cands, top_k=3, ranking=ranking, latency_ms=ms + rng.random()))
+    return out
+
+
+def test_escalation_detector_review_judges_the_escalate_decision(encoder_registry):
+    import mlflow
+
+    cfg, name = encoder_registry["cfg"], encoder_registry["roles"]["escalation_detector"]["name"]
+    verdict = shadow.review(cfg, "escalation-detector", role_mirrored(name, "escalation_detector", 300), ctx("e1"),
+                            "test traffic")
+    # Review labels are intents: no reviewed label is asked of the escalation detector.
+    assert verdict["verdict"] == "passed" and verdict["agreement"] == 1.0 and verdict["reviewed"] == 0, verdict["why"]
+    run = mlflow.get_run(verdict["run_id"])
+    assert run.data.tags["role"] == "escalation_detector" and run.data.metrics["shadow.escalation_rate"] == 0.2
+    arts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=verdict["run_id"])}
+    assert {"gates.json", "per_class_disagreement.json", "plots"} <= arts
+    failed = shadow.review(cfg, "escalation-detector", role_mirrored(name, "escalation_detector", 300, disagree=0.2),
+                           ctx("e2"), "test traffic")
+    assert failed["verdict"] == "failed" and failed["failed_gates"] == ["agreement"]
+    short = shadow.review(cfg, "escalation-detector", role_mirrored(name, "escalation_detector", 150), ctx("e3"), "t")
+    assert short["verdict"] == "insufficient_evidence" and "150 mirrored requests < 200" in short["why"]
+
+
+def test_reranker_review_judges_top1_agreement_and_overlap(encoder_registry):
+    cfg, name = encoder_registry["cfg"], encoder_registry["roles"]["reranker"]["name"]
+    passed = shadow.review(cfg, "reranker", role_mirrored(name, "reranker", 300), ctx("k1"), "test traffic")
+    assert passed["verdict"] == "passed" and passed["overlap_at_k"] == 1.0, passed["why"]
+    reordered = shadow.review(cfg, "reranker", role_mirrored(name, "reranker", 300, reorder=0.3), ctx("k2"), "test")
+    assert reordered["failed_gates"] == ["overlap_at_k"] and reordered["agreement"] == 1.0
+    swapped = shadow.review(cfg, "reranker", role_mirrored(name, "reranker", 300, disagree=0.2), ctx("k3"), "test")
+    assert swapped["failed_gates"] == ["agreement"] and swapped["overlap_at_k"] == 1.0
+
+
+def test_live_review_of_a_role_reads_its_own_log_folder(encoder_registry):
+    from qat_tasks.promotion.traffic import log_root
+    from qat_tasks.serving.logs import RecordWriter
+
+    reg = encoder_registry
+    cfg, client, name = reg["cfg"], reg["client"], reg["roles"]["reranker"]["name"]
+    now = datetime.now(UTC)
+    client.set_model_version_tag(name, "2", "shadow.deployed_at", (now - timedelta(hours=30)).isoformat())
+    with RecordWriter(log_root(cfg.serving_log_dir, "reranker", "reranker")) as writer:
+        for rec in role_mirrored(name, "reranker", 250, t0=now - timedelta(hours=2)):
+            writer.write(rec.model_dump())
+    out = shadow.review_live(cfg, "reranker", ctx("live-k1"), now=now)
+    assert out["outcome"] == "passed" and out["mirrored"] == 250 and out["invalid_lines"] == 0, out
+    assert out["action"].startswith("promoted v2") and aliases_of(reg, name)["champion"] == "2"
+    # The intent classifier's review reads the log root, which holds none of the reranker's records.
+    client.set_model_version_tag(reg["name"], "2", "shadow.deployed_at", (now - timedelta(hours=30)).isoformat())
+    intent = shadow.review_live(cfg, "intent-classifier", ctx("live-i1"), now=now)
+    assert intent["outcome"] == "insufficient_evidence" and intent["mirrored"] == 0 and intent["invalid_lines"] == 0
+
+
+def aliases_of(reg, name: str) -> dict[str, str]:
+    return aliases({"client": reg["client"], "name": name})
+
+
+@pytest.mark.parametrize("role", ["escalation_detector", "reranker"])
+def test_quarterly_step_replays_a_role_only_on_its_own_logged_answers(encoder_registry, tmp_path, role):
+    from qat_tasks.data.sampling import REPLAY, split_of
+    from qat_tasks.promotion.traffic import log_root, read_role_records
+    from qat_tasks.serving.logs import RecordWriter
+
+    reg, model = encoder_registry, ROLE_MODEL_NAMES[role]
+    name = reg["roles"][role]["name"]
+    base = _with(reg["cfg"], {"review": "replay", "min_agreement": 0.0, "min_overlap_at_k": 0.0, "max_p95_ratio": 100.0,
+                              "min_mirrored_requests": 20}, lenient_quality=True)
+    cfg = base.model_copy(update={"traffic": base.traffic.model_copy(update={"source": str(tmp_path / "store")})})
+    window, decision = {"start": "2026-07-01", "end": "2026-07-15"}, {"model": model, "registered_version": "2"}
+    # The traffic of the window carries no answers of this role (as the bundled sample): nothing is deployed.
+    out = replay.shadow_challenger(cfg, decision, window, ctx(f"q-{role}-1"))
+    assert "not shadowed" in out["outcome"] and "stays @challenger" in out["outcome"]
+    assert "shadow.deployed_at" not in reg["client"].get_model_version(name, "2").tags
+    # Its own logged answers of replay conversations (one with an email address typed in): replayed and reviewed.
+    convs = [c for c in (f"conv-{i}" for i in range(2000)) if split_of(cfg, c) == REPLAY][:40]
+    logged = [r for r in role_mirrored(name, role, 40, t0=datetime(2026, 7, 2, tzinfo=UTC), conversations=convs)
+              if r.event == "inference"]
+    text_field = "text" if role == "escalation_detector" else "query"
+    logged[0] = logged[0].model_copy(update={text_field: "mail me at jane.doe@example.com"})
+    with RecordWriter(log_root(cfg.traffic_source, model, role)) as writer:
+        for rec in logged:
+            writer.write(rec.model_dump())
+    out = replay.shadow_challenger(cfg, decision, window, ctx(f"q-{role}-2"))
+    assert out["outcome"] == "passed" and out["mirrored"] == out["answered"] == 40, out
+    assert out["action"].startswith("promoted v2") and aliases_of(reg, name)["champion"] == "2"
+    replayed, stats = read_role_records(str(cfg.state_path / "shadow-replay" / f"q-{role}-2" / model),
+                                        datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC), role)
+    assert stats["invalid"] == 0 and Counter(r.event for r in replayed) == {"inference": 40, "shadow_inference": 40}
+    first = [r for r in replayed if r.request_id == logged[0].request_id]
+    assert all(getattr(r, text_field) == "mail me at [EMAIL]" and r.pii_scrubbed == {"EMAIL": 1} for r in first)
+
+
+# -- the records -----------------------------------------------------------------------------------------------------
+def _record(ts: datetime, **changes) -> dict:
+    return {"schema_version": 1, "event": "inference", "request_id": f"req-{ts.timestamp():.0f}",
+            "conversation_id": "conv-1", "turn": 0, "timestamp": ts, "model": "m/v1", "runtime": "onnxruntime",
+            "text": "where is my order", "intent": "order_status", "confidence": 0.9, "latency_ms": 3.2,
+            **changes}
+
+
+def test_every_schema_version_is_read_and_each_role_only_where_asked():
+    from qat_tasks.core.schema import SCHEMA_VERSION, SCHEMA_VERSIONS, parse_line, reason_category
+
+    assert (SCHEMA_VERSION, SCHEMA_VERSIONS) == (3, (1, 2, 3))
+    v1 = {**_record(datetime(2026, 7, 1, tzinfo=UTC)), "timestamp": "2026-07-01T10:00:00Z"}
+    label = {"schema_version": 2, "event": "review_label", "request_id": "req-1", "reviewed_label": "escalation",
+             "reviewer": "annotator-1", "reviewed_at": "2026-10-03T14:05:00Z"}
+    for line in (v1, {**v1, "schema_version": 2, "pii_scrubbed": {"EMAIL": 1}}, {**v1, "schema_version": 3}, label,
+                 {**label, "schema_version": 3}):
+        assert parse_line(json.dumps(line))[1] is None, line
+    (esc,) = [r for r in role_mirrored("m", "escalation_detector", 1) if r.event == "inference"]
+    esc_line = esc.model_dump_json()
+    rec, reason = parse_line(esc_line)  # what calibration, drift and the label join read: intent records only
+    assert rec is None and reason_category(reason) == "invalid:role"
+    assert parse_line(esc_line, roles=("escalation_detector",))[0] == esc
+    assert parse_line(esc_line.replace('"schema_version":3', '"schema_version":2'), roles=("escalation_detector",))[0] is None
+    assert parse_line(json.dumps(v1), roles=("reranker",))[0] is None  # nor is an intent record a rerank record
+    (rr,) = [r for r in role_mirrored("m", "reranker", 1) if r.event == "inference"]
+    assert parse_line(rr.model_dump_json(), roles=("reranker",))[0] == rr
+
+
+def test_log_writer_partitions_by_day_refuses_invalid_records_and_reader_counts_bad_lines(tmp_path):
+    from qat_tasks.data.traffic_log import read_records
+    from qat_tasks.serving.logs import RecordWriter
+
+    day1 = datetime(2026, 7, 1, 23, 59, 59, tzinfo=UTC)
+    writer = RecordWriter(str(tmp_path), flush_records=100, flush_seconds=60)
+    with pytest.raises(ValueError, match="intent: unknown intent 'refund'"):
+        writer.write(_record(day1, intent="refund"))
+    with pytest.raises(ValueError, match="timestamp"):
+        writer.write(_record(day1.replace(tzinfo=None)))
+    (rerank,) = [r.model_dump() for r in role_mirrored("m", "reranker", 1) if r.event == "inference"]
+    with pytest.raises(ValueError, match="ranking must name distinct candidates"):
+        writer.write({**rerank, "ranking": [0, 6, 1]})
+    with pytest.raises(ValueError, match="ranking holds 1 candidates"):
+        writer.write({**rerank, "ranking": [0]})
+    for ts in (day1, day1 + timedelta(seconds=2), day1 + timedelta(seconds=3)):
+        writer.write(_record(ts))
+    writer.close()
+    assert writer.stats["records"] == 3 and writer.stats["files"] == 2
+    files = sorted(tmp_path.rglob("*.jsonl"))
+    assert [f.parent.name for f in files] == ["dt=2026-07-01", "dt=2026-07-02"]
+    assert files[0].name.startswith("serving-") and not list(tmp_path.rglob("*.tmp"))
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.write(_record(day1))
+    (tmp_path / "dt=2026-07-02" / "other.jsonl").write_text(
+        json.dumps(_record(day1 + timedelta(seconds=5), timestamp="2026-07-02T00:00:05Z")) + "\n{broken\n")
+    records, stats = read_records(str(tmp_path), datetime(2026, 7, 1, tzinfo=UTC),
+                                  datetime(2026, 7, 2, 0, 0, 4, tzinfo=UTC))
+    assert len(records) == 3 and stats["invalid"] == 1 and stats["invalid:malformed_json"] == 1
+    assert stats["outside_window"] == 1  # 00:00:05 is past the end
+
+
+def test_log_writer_bounds_its_memory_while_storage_is_down(tmp_path):
+    """Past max_buffered the oldest records are dropped, counted, never silently."""
+    from qat_tasks.serving.logs import RecordWriter
+
+    blocked = tmp_path / "logs"
+    blocked.write_text("not a folder")
+    writer = RecordWriter(str(blocked), flush_records=1000, flush_seconds=60, max_buffered=5)
+    start = datetime(2026, 7, 1, 12, tzinfo=UTC)
+    for i in range(8):
+        writer.write(_record(start + timedelta(seconds=i)))
+    with pytest.raises(OSError):
+        writer.flush()
+    assert writer.pending == 5 and writer.stats["dropped"] == 3 and writer.stats["flush_errors"] == 1
+    blocked.unlink()
+    assert writer.flush() == 5
+    writer.close()
+    kept = sorted(json.loads(line)["timestamp"] for f in blocked.rglob("*.jsonl") for line in f.read_text().splitlines())
+    assert len(kept) == 5 and kept[0].startswith("2026-07-01T12:00:03")  # the newest five
