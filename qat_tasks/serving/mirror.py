@@ -157,30 +157,36 @@ class Mirror:
 
     # -- the monitor thread ---------------------------------------------------------------------------------------
     def _monitor(self) -> None:
-        while True:
-            proc, results = self.proc, self.results
-            if proc is None:
-                if self._closing.is_set():
-                    return
-                if any(s is not None for s in self.wanted.values()) and time.monotonic() >= self._next_start:
-                    self._start()
-                else:
-                    time.sleep(0.1)
-                continue
+        while not self._closing.is_set() or self.proc is not None:
             try:
-                if results.poll(0.25):
-                    self._handle(results.recv())
-                    continue
-            except (EOFError, OSError):
-                proc.join(0.1)  # the process is gone or going; its exit is handled below
-            if not proc.is_alive():
-                self._ended("exited")
-            elif time.monotonic() - self._heard > HEARTBEAT_TIMEOUT_S:
-                log.error("the shadow process (pid %s) sent nothing for %.0f s: killing it", proc.pid,
-                          HEARTBEAT_TIMEOUT_S)
-                proc.kill()
-                proc.join(5)
-                self._ended("unresponsive")
+                self._watch()
+            except Exception:  # a bug here must not end the monitor: the next pass tries again
+                log.exception("watching the shadow process failed")
+                time.sleep(0.5)
+
+    def _watch(self) -> None:
+        """One pass of the monitor: start the process if one is wanted, read its messages, notice its end."""
+        proc, results = self.proc, self.results
+        if proc is None:
+            wanted = any(s is not None for s in self.wanted.values())
+            if wanted and not self._closing.is_set() and time.monotonic() >= self._next_start:
+                self._start()
+            else:
+                time.sleep(0.1)
+            return
+        try:
+            if results.poll(0.25):
+                self._handle(results.recv())
+                return
+        except (EOFError, OSError):
+            proc.join(0.1)  # the process is gone or going; its exit is handled below
+        if not proc.is_alive():
+            self._ended("exited")
+        elif time.monotonic() - self._heard > HEARTBEAT_TIMEOUT_S:
+            log.error("the shadow process (pid %s) sent nothing for %.0f s: killing it", proc.pid, HEARTBEAT_TIMEOUT_S)
+            proc.kill()
+            proc.join(5)
+            self._ended("unresponsive")
 
     def _start(self) -> None:
         jobs = self.ctx.Queue(maxsize=self.settings["queue_size"])
@@ -211,14 +217,14 @@ class Mirror:
         self._heard = time.monotonic()
         kind = msg[0]
         if kind == "report":
-            _, outcomes, status = msg
-            with self._lock:
-                self.status = status
-                for name, outcome, ms, agreed in outcomes:
-                    self.reported[name] += 1
-                    label = self.labels.get(name)
-                    if label is not None:
-                        self.metrics.outcome(label, outcome, ms, agreed)
+            # Only this thread touches `reported` and replaces `status`: no lock, so a request handing over a
+            # mirror never waits while a batch is counted.
+            _, outcomes, self.status = msg
+            for name, outcome, ms, agreed in outcomes:
+                self.reported[name] += 1
+                label = self.labels.get(name)
+                if label is not None:
+                    self.metrics.outcome(label, outcome, ms, agreed)
         elif kind == "loaded":
             with self._changed:
                 for name, info in msg[1].items():
@@ -241,7 +247,7 @@ class Mirror:
         try:
             while results.poll(0):  # outcomes it sent before it died still count
                 self._handle(results.recv())
-        except (EOFError, OSError):
+        except Exception:  # EOF, or a message cut off when it died
             pass
         closing = self._closing.is_set()
         with self._changed:
