@@ -26,6 +26,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from qat_tasks.core.resources import RssSampler
@@ -94,13 +95,33 @@ def _context():
 
 
 def _allow_children() -> None:
-    """A task under a Celery worker runs in a descendant of the prefork pool's child, which multiprocessing marks
-    daemonic, and a daemonic process may not start children ("daemonic processes are not allowed to have
-    children"). The task process owns its stage processes and waits for each (the pool's context manager joins
-    them), which is what the flag guards; it is cleared for this process only."""
-    proc = multiprocessing.current_process()
-    if proc.daemon:
-        proc._config["daemon"] = False
+    """A task under a Celery worker runs in a descendant of the prefork pool's child, which Celery's billiard set
+    up: multiprocessing sees it daemonic ("daemonic processes are not allowed to have children") and holding
+    billiard's authentication key, which a new process cannot inherit ("Pickling an AuthenticationString object is
+    disallowed"). The task process owns its stage processes and joins each (the pool's context manager), so it is
+    made an ordinary parent: not daemonic, the same key as the standard library's type. This process only."""
+    config = multiprocessing.current_process()._config
+    key = config.get("authkey")
+    if config.get("daemon") or (key is not None and type(key) is not multiprocessing.process.AuthenticationString):
+        config["daemon"] = False
+        config["authkey"] = multiprocessing.process.AuthenticationString(bytes(key) if key else os.urandom(32))
+
+
+@contextmanager
+def _main_script_hidden():
+    """A new process runs the parent's main script again unless the main is a module: for a worker started as
+    the `airflow` script, that re-imports Airflow, which in a task process (no metadata database) fails, and
+    costs seconds anyway. The stage needs nothing from it, so the script's path is hidden while it starts."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or getattr(main, "__spec__", None) is not None:
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
 
 
 class _ConsoleFormatter(logging.Formatter):
@@ -164,7 +185,9 @@ def run(fn, *args, task: str, isolate: bool, **kwargs):
             with ProcessPoolExecutor(1, mp_context=ctx, initializer=_child_setup,
                                      initargs=(level, dict(os.environ), os.getcwd())) as pool:
                 try:
-                    result, stage_peak = pool.submit(_call, fn, args, kwargs).result()
+                    with _main_script_hidden():  # the stage process starts here
+                        future = pool.submit(_call, fn, args, kwargs)
+                    result, stage_peak = future.result()
                 except BrokenProcessPool as exc:
                     codes = [p.exitcode for p in getattr(pool, "_processes", {}).values()]
                     raise StageProcessDied(
