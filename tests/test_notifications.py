@@ -125,7 +125,7 @@ def test_failure_and_overdue_messages(channels):
     notifier = notifications.PipelineNotifier("task_failed", SETTINGS)
     notifier.notify(context)
     asyncio.run(notifications.run_overdue(SETTINGS, 720.0, {"dag_run": {"dag_id": "quarterly_recalibration",
-                                                                        "run_id": "r2"}}))
+                                                                        "dag_run_id": "r2"}}))
     subjects = [m["Subject"] for m in inbox.messages]
     assert subjects == ["[MangaAssist MLOps] quarterly_recalibration: task int8[2] failed (try 1 of 3)",
                         "[MangaAssist MLOps] quarterly_recalibration: run r2 is overdue"]

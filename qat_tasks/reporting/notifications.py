@@ -128,13 +128,15 @@ def describe_failure(event: str, context) -> tuple[str, str]:
 
 async def run_overdue(settings: dict, expected_minutes: float, context: dict | None = None) -> None:
     """Deadline callback (triggerer): the quarterly run is still going `expected_minutes` after it was queued."""
-    context = context or {}
-    dag_run = context.get("dag_run") or {}
-    get = dag_run.get if isinstance(dag_run, dict) else lambda k, d=None: getattr(dag_run, k, d)
-    dag_id, run_id = get("dag_id", "quarterly_recalibration"), get("run_id", "?")
+    # The scheduler hands the run over as the REST API's DAG run (dag_run_id, queued_at, conf, ...).
+    dag_run = (context or {}).get("dag_run") or {}
+    dag_id = dag_run.get("dag_id") or "quarterly_recalibration"
+    run_id = dag_run.get("dag_run_id") or dag_run.get("run_id") or "?"
+    reason = (dag_run.get("conf") or {}).get("reason", "scheduled")
     subject = f"{dag_id}: run {run_id} is overdue"
-    text = (f"DAG {dag_id}, run {run_id} has been running for more than {expected_minutes:g} minutes since it was "
-            f"queued (scheduling.expected_run_minutes). It goes on; look at which task holds it.")
+    text = (f"DAG {dag_id}, run {run_id} ({reason}) was queued at {dag_run.get('queued_at', '?')} and is still "
+            f"running after {expected_minutes:g} minutes (scheduling.expected_run_minutes). It goes on; look at "
+            f"which task holds it.")
     import asyncio
 
     await asyncio.to_thread(send, settings, "run_overdue", subject, text)  # SMTP and HTTP block: off the loop
@@ -152,7 +154,9 @@ def dag_arguments(cfg, overdue: bool = False) -> dict:
     default_args = cfg.scheduling.task_defaults()
     if not settings.enabled:
         return {"default_args": default_args}
+    # A try that fails is told about whether Airflow retries it (on_retry) or gives up (on_failure).
     default_args["on_failure_callback"] = [PipelineNotifier("task_failed")]
+    default_args["on_retry_callback"] = [PipelineNotifier("task_failed")]
     out = {"default_args": default_args, "on_failure_callback": [PipelineNotifier("run_failed")]}
     if overdue and "run_overdue" in settings.events:
         minutes = cfg.scheduling.expected_run_minutes
