@@ -428,3 +428,21 @@ def test_the_image_torch_constraint_admits_the_cpu_and_the_cuda_wheel(tmp_path):
     assert all(torch.specifier.contains(v) for v in ("2.13.0", "2.13.0+cpu", "2.13.0+cu128"))
     assert not torch.specifier.contains("2.15.0")
     assert not Requirement(changed[0][0]).specifier.contains("2.13.0+cu128")  # why the rewrite is needed
+
+
+def test_the_celery_result_backend_and_broker_use_installed_drivers(rendered):
+    """The result backend's SQLAlchemy URL loads its driver in the image's stack (a bare postgresql:// would ask
+    for psycopg 3, which is not installed, and every worker would fail at start), and Redis keeps a task's message
+    unacknowledged longer than the longest task may run."""
+    from sqlalchemy.engine import make_url
+
+    from qat_tasks.core.config import load_config
+
+    for name, svc in airflow_services(rendered).items():
+        env = svc["environment"]
+        url = make_url(env["AIRFLOW__CELERY__RESULT_BACKEND"].removeprefix("db+"))
+        assert url.get_dialect().driver == "psycopg2", name
+        url.get_dialect().import_dbapi()
+        assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://"), name
+        longest = max(load_config(ROOT / "configs" / "production.yaml").scheduling.task_timeouts_minutes.values())
+        assert int(env["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT"]) > longest * 60, name
