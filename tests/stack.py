@@ -121,10 +121,22 @@ def moto_s3(log: Path) -> Server:
                   "/moto-api/", {}, log, timeout=60)
 
 
-def mlflow_server(backend_uri: str, artifacts: str, s3_endpoint: str, log: Path) -> Server:
+def compose_mlflow_flags(port: int) -> list[str]:
+    """The MLflow server's --allowed-hosts as docker-compose.yaml gives it, plus this loopback port's names."""
+    import yaml
+
+    command = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker-compose.yaml").read_text())[
+        "services"]["mlflow"]["command"].split()
+    hosts = command[command.index("--allowed-hosts") + 1] if "--allowed-hosts" in command else "localhost"
+    return ["--allowed-hosts", f"{hosts},127.0.0.1:{port},localhost:{port}"]
+
+
+def mlflow_server(backend_uri: str, artifacts: str, s3_endpoint: str, log: Path, compose_flags: bool = False
+                  ) -> Server:
     port = free_port()
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts, "--serve-artifacts"]
+           "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts, "--serve-artifacts",
+           *(compose_mlflow_flags(port) if compose_flags else [])]
     # No server-side job runner (GenAI evaluation jobs; about ten huey worker processes): nothing here uses it.
     env = {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_DISABLE_TELEMETRY": "true",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -32,8 +32,9 @@ INTENT_ONLY = {"models": ["intent-classifier"]}
 
 
 class Stack:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, compose_flags: bool = False):
         self.root, self.pg, self.s3, self.mlflow, self.proxy = root, None, None, None, None
+        self.compose_flags = compose_flags  # the MLflow server started with docker-compose.yaml's flags
         try:
             self._start(root)
         except BaseException:
@@ -50,7 +51,8 @@ class Stack:
         self.s3_client = boto3.client("s3", endpoint_url=self.s3.url)
         for bucket in (LOGS, MLOPS, ARTIFACTS):
             self.s3_client.create_bucket(Bucket=bucket)
-        self.mlflow = mlflow_server(mlflow_db, f"s3://{ARTIFACTS}", self.s3.url, root / "mlflow.log")
+        self.mlflow = mlflow_server(mlflow_db, f"s3://{ARTIFACTS}", self.s3.url, root / "mlflow.log",
+                                    self.compose_flags)
         self.proxy = FaultyProxy(self.s3.url)  # the pipeline reaches S3 through it
         self.config = root / "stack.yaml"
         data = tiny_config_dict(f"s3://{LOGS}/inference")
