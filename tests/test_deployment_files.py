@@ -68,7 +68,9 @@ def test_plugin_loads():
 SECRETS = {"POSTGRES_PASSWORD": "pg-test", "MLFLOW_DB_PASSWORD": "mlflow-test", "MINIO_ROOT_PASSWORD": "minio-test",
            "AIRFLOW__API_AUTH__JWT_SECRET": "jwt-test", "AIRFLOW__API__SECRET_KEY": "api-key-test",
            "AIRFLOW__CORE__FERNET_KEY": "fernet-test", "AIRFLOW_ADMIN_PASSWORD": "admin-test",
-           "QAT_SERVING_ADMIN_TOKEN": "serving-token-test"}
+           "QAT_SERVING_ADMIN_TOKEN": "serving-token-test",
+           "AIRFLOW_CONN_MANGAASSIST_SMTP": '{"conn_type": "smtp", "host": "smtp.test", "port": 25}',
+           "AIRFLOW_CONN_MANGAASSIST_SLACK": '{"conn_type": "http", "host": "https://hooks.slack.test/services/T/B/x"}'}
 
 
 def compose_config(tmp_path, env: dict) -> subprocess.CompletedProcess:
@@ -446,3 +448,16 @@ def test_the_celery_result_backend_and_broker_use_installed_drivers(rendered):
         assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://"), name
         longest = max(load_config(ROOT / "configs" / "production.yaml").scheduling.task_timeouts_minutes.values())
         assert int(env["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT"]) > longest * 60, name
+
+
+def test_the_notification_connections_are_the_ones_the_production_profile_names(rendered):
+    """Every Airflow service has the SMTP and webhook connections that configs/production.yaml's
+    `notifications` names, as AIRFLOW_CONN_<ID> variables taken from .env."""
+    from qat_tasks.core.config import load_config
+
+    settings = load_config(PRODUCTION).notifications
+    wanted = {f"AIRFLOW_CONN_{c.upper()}": SECRETS[f"AIRFLOW_CONN_{c.upper()}"]
+              for c in (settings.smtp_conn_id, settings.webhook_conn_id)}
+    for name, svc in airflow_services(rendered).items():
+        assert {k: svc["environment"].get(k) for k in wanted} == wanted, name
+        assert json.loads(svc["environment"]["AIRFLOW_CONN_MANGAASSIST_SMTP"])["conn_type"] == "smtp"
