@@ -141,3 +141,45 @@ def mlflow_server(backend_uri: str, artifacts: str, s3_endpoint: str, log: Path,
     env = {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_DISABLE_TELEMETRY": "true",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return Server("mlflow", cmd, f"http://127.0.0.1:{port}", "/health", env, log, timeout=180)
+
+
+class Inbox:
+    """An SMTP server on loopback (aiosmtpd) that keeps every message it receives: where the notification tests
+    and the engine test read what people were told."""
+
+    def __init__(self):
+        import email
+        from email import policy
+
+        from aiosmtpd.controller import Controller
+
+        self.messages: list = []
+        inbox = self
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):
+                inbox.messages.append(email.message_from_bytes(envelope.content, policy=policy.default))
+                return "250 OK"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    def subjects(self) -> list[str]:
+        return [m["Subject"] for m in self.messages]
+
+    def bodies(self) -> list[str]:
+        return [m.get_body(("html", "plain")).get_content() for m in self.messages]
+
+    def wait_for(self, fragment: str, timeout: float) -> str:
+        """The first subject holding `fragment`, waiting for it to arrive."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hits = [s for s in self.subjects() if fragment in s]
+            if hits:
+                return hits[0]
+            time.sleep(1)
+        raise TimeoutError(f"no notification with {fragment!r} within {timeout:.0f} s; got {self.subjects()}")
+
+    def close(self) -> None:
+        self.controller.stop()

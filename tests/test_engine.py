@@ -12,18 +12,17 @@ server (aiosmtpd) in this process."""
 
 from __future__ import annotations
 
-import email
 import json
 import time
 from collections import Counter
 from datetime import date
-from email import policy
 
 import pytest
 import yaml
 
 from .conftest import WINDOW
 from .engine import Engine
+from .stack import Inbox
 from .test_production_stack import ARTIFACTS, LOGS, MLOPS, Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.stack, pytest.mark.timeout(1800)]
@@ -31,39 +30,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.stack, pytest.mark.
 DAG, DRIFT_DAG = "quarterly_recalibration", "drift_monitor"
 DRIFT_DAY = WINDOW[1]  # the day after the calibrated window: a catalogue launch
 REASON = "engine test: the quarterly recalibration on the distributed engine"
-
-
-class Inbox:
-    """An SMTP server on loopback that keeps what it receives."""
-
-    def __init__(self):
-        from aiosmtpd.controller import Controller
-
-        from .stack import free_port
-
-        self.messages: list = []
-        inbox = self
-
-        class Handler:
-            async def handle_DATA(self, server, session, envelope):
-                inbox.messages.append(email.message_from_bytes(envelope.content, policy=policy.default))
-                return "250 OK"
-
-        self.port = free_port()
-        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
-        self.controller.start()
-
-    def subjects(self) -> list[str]:
-        return [m["Subject"] for m in self.messages]
-
-    def wait_for(self, fragment: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            hits = [s for s in self.subjects() if fragment in s]
-            if hits:
-                return hits[0]
-            time.sleep(1)
-        raise TimeoutError(f"no notification with {fragment!r} within {timeout:.0f} s; got {self.subjects()}")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +62,7 @@ def engine(tmp_path_factory, s3_endpoint):
     finally:
         if eng is not None:
             eng.close()
-        inbox.controller.stop()
+        inbox.close()
         stack.close()
 
 

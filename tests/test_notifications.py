@@ -5,10 +5,8 @@ promotion and rollback of a registered model each send one notification, and a r
 from __future__ import annotations
 
 import asyncio
-import email
 import json
 import threading
-from email import policy
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -17,27 +15,7 @@ from qat_tasks.core.config import ConfigError
 from qat_tasks.core.config_operations import NotificationsConfig
 from qat_tasks.reporting import notifications
 
-from .stack import free_port
-
-
-class Inbox:
-    def __init__(self):
-        from aiosmtpd.controller import Controller
-
-        self.messages: list[email.message.EmailMessage] = []
-        inbox = self
-
-        class Handler:
-            async def handle_DATA(self, server, session, envelope):
-                inbox.messages.append(email.message_from_bytes(envelope.content, policy=policy.default))
-                return "250 OK"
-
-        self.port = free_port()
-        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
-        self.controller.start()
-
-    def bodies(self) -> list[str]:
-        return [m.get_body(("html", "plain")).get_content() for m in self.messages]
+from .stack import Inbox, free_port
 
 
 class Webhook:
@@ -67,7 +45,7 @@ def channels(monkeypatch):
         "extra": {"disable_ssl": True, "disable_tls": True}}))
     monkeypatch.setenv("AIRFLOW_CONN_QAT_SLACK", json.dumps({"conn_type": "http", "host": hook.url}))
     yield inbox, hook
-    inbox.controller.stop()
+    inbox.close()
     hook.server.shutdown()
 
 
