@@ -137,6 +137,12 @@ def test_xcoms_hold_ids_and_uris_only(engine, quarterly):
             assert json.loads(raw).startswith(stack.mlflow.url + "/#/runs/")
     calibration = json.loads(next(r for t, _, k, r in values if t == "refresh_calibration" and k == "return_value"))
     assert calibration["uri"].startswith(f"s3://{MLOPS}/calibration/")
+    # Each task that logged an MLflow run links to it, and the REST API (what the UI shows) serves the link.
+    linked = {t for t, _, k, _ in values if k == "_link_MlflowRunLink"}
+    assert {"refresh_calibration", "evaluate_champion", "int8_challenger"} <= linked, linked
+    links = engine["engine"].rest("GET", f"/dags/{DAG}/dagRuns/{quarterly['run_id']}/taskInstances/"
+                                         "refresh_calibration/links")
+    assert links["extra_links"]["MLflow run"] == f"{stack.mlflow.url}/#/runs/{calibration['run_id']}", links
 
 
 def _strings(value):

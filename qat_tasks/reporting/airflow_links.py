@@ -23,9 +23,11 @@ class MlflowRunLink(BaseOperatorLink):
     name = LINK_NAME
 
     def get_link(self, operator, *, ti_key) -> str:
-        from airflow.sdk.execution_time.xcom import XCom
+        """Asked by the API server (the UI's link): the URL the task stored, read from the metadata database the way
+        Airflow reads the links of deserialized operators."""
+        from airflow.serialization.definitions.operatorlink import XComOperatorLink
 
-        return XCom.get_value(ti_key=ti_key, key=self.xcom_key) or ""
+        return XComOperatorLink(name=self.name, xcom_key=self.xcom_key).get_link(operator, ti_key=ti_key) or ""
 
 
 def link_mlflow_run(result: dict) -> dict:
