@@ -36,6 +36,14 @@ os.environ.update({
 (_SESSION / "mlflow").mkdir(parents=True, exist_ok=True)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """The session's Airflow home, MLflow store, state and traffic go with it: runs on one machine (CI included)
+    must not fill its disk."""
+    import shutil
+
+    shutil.rmtree(_SESSION, ignore_errors=True)
+
+
 def tiny_config_dict(traffic: str) -> dict:
     """The demo config, shrunk: same keys, tiny model and splits."""
     data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
