@@ -264,7 +264,7 @@ def test_a_killed_shadow_process_is_counted_and_restarted_while_the_champion_ans
 # -- a scripted shadow, in this process's service ---------------------------------------------------------------------
 class ScriptedShadow:
     """A shadow model for the shadow process whose behaviour the test scripts through a JSON file: answer, raise,
-    or hang for some seconds (the next `calls` calls of an `epoch`, or every call)."""
+    or hang for some seconds (the next `calls` calls of an `epoch`, or every call), waiting or (`cpu`) working."""
 
     def __init__(self, script: str, package, threads: int):
         from qat_tasks.serving.models import ServedModel
@@ -281,15 +281,16 @@ class ScriptedShadow:
         if s["mode"] == "hang":
             n = self.used.get(s["epoch"], 0)
             if s.get("calls") is None or n < s["calls"]:
-                self.used[s["epoch"]] = n + 1
-                time.sleep(s["seconds"])
+                self.used[s["epoch"]], clock = n + 1, time.thread_time if s.get("cpu") else time.monotonic
+                t0 = clock()  # `cpu`: work, which stops while the process is held paused; a wait does not
+                while clock() - t0 < s["seconds"]:
+                    time.sleep(0 if s.get("cpu") else 0.005)
         return self.model.answer(inputs)
 
 
 def script(path: Path, **how) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(how))
-    os.replace(tmp, path)  # the shadow process never reads half a script
+    path.with_suffix(".tmp").write_text(json.dumps(how))
+    os.replace(path.with_suffix(".tmp"), path)  # the shadow process never reads half a script
 
 
 def test_a_failing_or_hanging_shadow_never_affects_the_champion(intent_registry, tmp_path):
@@ -330,8 +331,7 @@ def test_a_failing_or_hanging_shadow_never_affects_the_champion(intent_registry,
         same_as_baseline(TEXTS * 2)
         wait_for(lambda: counts()["timeouts"] == 2 + MAX_STUCK_CALLS, 20, "hung calls up to the cap")
         wait_for(lambda: counts()["dropped"] == 2 * len(TEXTS) - MAX_STUCK_CALLS, 20, "the rest dropped")
-        wait_for(lambda: client.get("/health").json()["models"][MODEL]["shadow_state"].startswith("stalled"), 5,
-                 "/health to say stalled")
+        wait_for(lambda: client.get("/health").json()["models"][MODEL]["shadow_state"].startswith("stalled"), 5, "")
         script(control, mode="answer")
         wait_for(lambda: service.mirror.status["stuck"] == 0, 3 * hang_s, "the hung calls to return")
         answered = counts()["answered"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -431,3 +432,39 @@ def test_log_writer_bounds_its_memory_while_storage_is_down(tmp_path):
     writer.close()
     kept = sorted(json.loads(line)["timestamp"] for f in blocked.rglob("*.jsonl") for line in f.read_text().splitlines())
     assert len(kept) == 5 and kept[0].startswith("2026-07-01T12:00:03")  # the newest five
+
+
+def test_the_shadow_is_held_paused_while_the_champion_answers_and_judged_on_the_time_it_could_run(intent_registry,
+                                                                                                   tmp_path):
+    """The service stops the shadow process while a champion request is in flight; a shadow call that spans such a
+    pause is judged, and its latency logged, on the time it could run: 0.1 s of work inside 1.6 s of wall time
+    meets a 1 s deadline."""
+    import functools
+    from pathlib import Path
+
+    from qat_tasks.data.traffic_log import read_records
+    from qat_tasks.serving.requests import IntentRequest
+    from qat_tasks.serving.service import Service
+    from tests.test_serving import ScriptedShadow, script, wait_for
+
+    control, started = tmp_path / "script.json", datetime.now(UTC)
+    script(control, mode="hang", seconds=0.1, calls=1, epoch=1, cpu=True)  # 0.1 s of work
+    cfg = intent_registry["cfg"]
+    service = Service(cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"shadow_timeout_ms": 1000.0})}),
+                      "intent-classifier", shadow_factory=functools.partial(ScriptedShadow, str(control)))
+    state = Path(f"/proc/{service.health()['shadow_process']['pid']}/stat")
+    try:
+        service.answer(IntentRequest(text="where is my order", request_id="req-paused"))
+        time.sleep(0.05)  # the shadow's call has started
+        service.mirror.hold()  # a long champion request
+        wait_for(lambda: state.read_text().rsplit(")", 1)[1].split()[0] == "T", 5, "the shadow process stopped")
+        time.sleep(1.5)  # past the deadline in wall time
+        service.mirror.release()
+        wait_for(lambda: state.read_text().rsplit(")", 1)[1].split()[0] != "T", 5, "the shadow process resumed")
+        wait_for(lambda: service.mirror.counts.snapshot()["answered"] == 1, 20, "the shadow's answer")
+        assert service.mirror.counts.snapshot()["timeouts"] == 0 and service.mirror.paused_seconds() >= 1.5
+    finally:
+        service.close()
+    records, _ = read_records(str(intent_registry["log_dir"]), started - timedelta(minutes=1), datetime.now(UTC))
+    (shadow_record,) = [r for r in records if r.event == "shadow_inference"]
+    assert 95 <= shadow_record.latency_ms < 1000  # the 1.5 s pause left out

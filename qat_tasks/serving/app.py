@@ -25,6 +25,7 @@ import os
 import socket
 import sys
 
+from fastapi import BackgroundTasks  # at module level: the routes' annotations are resolved here
 from pydantic import BaseModel, ConfigDict
 
 from qat_tasks.core.config import ConfigError, PipelineConfig, load_config
@@ -64,6 +65,24 @@ def admin_guard(token: str | None):
     return check
 
 
+class PausesShadow:
+    """ASGI middleware: the shadow process is held paused from the moment a request to /v1/ reaches the app until
+    its answer has been sent and its record handed on (`Mirror.hold`, serving.shadow_yield), so the shadow's
+    compute never runs beside any part of a champion request, only in the gaps between them."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.mirror = app, service.mirror
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        self.mirror.hold()
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.mirror.release()
+
+
 def create_app(service: Service, admin_token: str | None = None):
     """The routes; `admin_token` defaults to $QAT_SERVING_ADMIN_TOKEN (unset or empty: admin routes refused)."""
     from fastapi import Depends, FastAPI, Request
@@ -80,6 +99,7 @@ def create_app(service: Service, admin_token: str | None = None):
         service.close()  # flushes the last log records, stops the shadow process
 
     app = FastAPI(title="MangaAssist encoder service", description=__doc__, lifespan=lifespan)
+    app.add_middleware(PausesShadow, service=service)
     admin = [Depends(admin_guard(admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV)))]
 
     @app.exception_handler(RequestValidationError)
@@ -104,18 +124,19 @@ def create_app(service: Service, admin_token: str | None = None):
         log.error("request to %s failed: %s: %s", request.url.path, type(exc).__name__, exc)
         return JSONResponse(status_code=500, content={"error": f"the champion failed: {type(exc).__name__}"})
 
-    # Plain defs: FastAPI runs them on its thread pool, off the event loop.
+    # Plain defs: FastAPI runs them on its thread pool, off the event loop. Logging and the hand-over to the shadow
+    # run as background tasks, once the answer has been sent.
     @app.post("/v1/intent")
-    def intent(req: IntentRequest) -> dict:
-        return service.answer(req)
+    def intent(req: IntentRequest, after: BackgroundTasks) -> dict:
+        return service.answer(req, after.add_task)
 
     @app.post("/v1/escalation")
-    def escalation(req: EscalationRequest) -> dict:
-        return service.answer(req)
+    def escalation(req: EscalationRequest, after: BackgroundTasks) -> dict:
+        return service.answer(req, after.add_task)
 
     @app.post("/v1/rerank")
-    def rerank(req: RerankRequest) -> dict:
-        return service.answer(req)
+    def rerank(req: RerankRequest, after: BackgroundTasks) -> dict:
+        return service.answer(req, after.add_task)
 
     @app.get("/health")
     def health() -> dict:

@@ -43,10 +43,11 @@ class _Call:
 
 
 class _Runner:
-    """A daemon thread that runs shadow calls one at a time."""
+    """A daemon thread that runs shadow calls one at a time, timed on `clock`."""
 
-    def __init__(self):
+    def __init__(self, clock):
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.clock = clock
         self.last: _Call | None = None  # set by the submitting thread, so busy() never races the runner
         threading.Thread(target=self._loop, daemon=True, name="shadow-runner").start()
 
@@ -57,12 +58,12 @@ class _Runner:
     def _loop(self) -> None:
         while True:
             call = self.inbox.get()
-            t0 = time.perf_counter()
+            t0 = self.clock()
             try:
                 call.value = call.fn()
             except BaseException as exc:  # whatever the shadow raises stays on this thread
                 call.error = exc
-            call.ms = (time.perf_counter() - t0) * 1000
+            call.ms = (self.clock() - t0) * 1000
             call.done.set()
 
     def busy(self) -> bool:
@@ -75,10 +76,13 @@ class Saturated(Exception):
 
 class Executor:
     """Runs calls with a deadline on reusable runner threads; one whose call hangs is set aside (not reused until
-    the call returns) and a fresh runner takes the next call, up to `max_stuck` set aside at once."""
+    the call returns) and a fresh runner takes the next call, up to `max_stuck` set aside at once.
 
-    def __init__(self, max_stuck: int = MAX_STUCK_CALLS):
-        self.max_stuck = max_stuck
+    Deadlines and call times are kept on `clock` (seconds): the shadow process passes one that leaves out the time
+    the service held it paused, so a call is judged on the time it could run."""
+
+    def __init__(self, max_stuck: int = MAX_STUCK_CALLS, clock=time.perf_counter):
+        self.max_stuck, self.clock = max_stuck, clock
         self.idle: list[_Runner] = []
         self.stuck: list[_Runner] = []
 
@@ -89,12 +93,14 @@ class Executor:
             self.idle.extend(returned)
         if len(self.stuck) >= self.max_stuck:
             raise Saturated
-        runner = self.idle.pop() if self.idle else _Runner()
+        runner = self.idle.pop() if self.idle else _Runner(self.clock)
         call = _Call(fn)
         runner.submit(call)
-        if not call.done.wait(timeout_s):
-            self.stuck.append(runner)
-            raise TimeoutError
+        start = self.clock()
+        while not call.done.wait(max(0.001, timeout_s - (self.clock() - start))):
+            if self.clock() - start >= timeout_s:
+                self.stuck.append(runner)
+                raise TimeoutError
         self.idle.append(runner)
         return call
 

@@ -106,6 +106,7 @@ class Service:
         self.mirror = Mirror({"timeout_ms": sc.shadow_timeout_ms, "workers": sc.shadow_workers,
                               "queue_size": sc.shadow_queue_size, "nice": sc.shadow_nice, "idle": idle_shadow,
                               "threads": sc.threads, "endpoint_url": cfg.traffic.s3_endpoint_url,
+                              "yield": sc.shadow_yield,
                               "flush_records": sc.log_flush_records, "flush_seconds": sc.log_flush_seconds,
                               "factory": shadow_factory}, self.metrics)
         self._reload_lock = threading.Lock()
@@ -139,8 +140,11 @@ class Service:
         return None
 
     # -- the request path -----------------------------------------------------------------------------------------
-    def answer(self, req) -> dict:
-        """The champion's answer to one request (a `requests` body: its type says the role), logged and mirrored."""
+    def answer(self, req, defer=None) -> dict:
+        """The champion's answer to one request (a `requests` body: its type says the role), logged and mirrored.
+
+        `defer(fn)`, when given, takes the logging and the hand-over to the shadow to run after the answer has gone
+        out (the HTTP routes pass FastAPI's background tasks): the caller waits for the champion only."""
         role = ROLE_OF[type(req)]
         h = self.by_role.get(role)
         if h is None:
@@ -150,27 +154,38 @@ class Service:
         if champion is None:
             raise NotHosted(f"{h.registered} has no @champion loaded yet; the alias poll loads it once it exists", 503)
         sent = inputs(req)
+        self.mirror.hold()  # the shadow process is paused while the champion computes (serving.shadow_yield)
         t0 = time.perf_counter()
         try:
             answer = champion.answer(sent)
         except Exception:
             self.metrics.request_errors.labels(h.registered).inc()
             raise
+        finally:
+            self.mirror.release()
         ms = (time.perf_counter() - t0) * 1000
-        fields, scrubbed = logged_request(role, req)  # what reaches the log: never the customer's personal data
-        record = {"schema_version": SCHEMA_VERSION, **fields, "event": champion.event,
-                  "request_id": req.request_id or f"req-{uuid.uuid4().hex}",
-                  "conversation_id": req.conversation_id or f"conv-{uuid.uuid4().hex[:16]}", "turn": req.turn,
-                  "timestamp": datetime.now(UTC), "model": champion.model_field, "runtime": "onnxruntime",
-                  **answer_fields(role, answer, fields), "latency_ms": round(ms, 3), "locale": req.locale,
-                  "pii_scrubbed": dict(scrubbed) or None, **({"reviewed_label": None} if role == "intent_classifier"
-                                                             else {})}
+        at, mirror = datetime.now(UTC), self.mirroring  # as of the answer, whenever the record is written
+        request_id = req.request_id or f"req-{uuid.uuid4().hex}"
         self.metrics.requests.labels(h.registered).inc()
         self.metrics.champion_latency.labels(h.registered).observe(ms / 1000)
-        self.log_record(h, record)
-        if self.mirroring:
-            self.mirror.submit(h.name, record, sent)
-        return {"request_id": record["request_id"], **response(role, answer, req), "model": h.registered,
+
+        def finish() -> None:
+            fields, scrubbed = logged_request(role, req)  # what reaches the log: never the customer's personal data
+            record = {"schema_version": SCHEMA_VERSION, **fields, "event": champion.event, "request_id": request_id,
+                      "conversation_id": req.conversation_id or f"conv-{uuid.uuid4().hex[:16]}", "turn": req.turn,
+                      "timestamp": at, "model": champion.model_field, "runtime": "onnxruntime",
+                      **answer_fields(role, answer, fields), "latency_ms": round(ms, 3), "locale": req.locale,
+                      "pii_scrubbed": dict(scrubbed) or None,
+                      **({"reviewed_label": None} if role == "intent_classifier" else {})}
+            self.log_record(h, record)
+            if mirror:
+                self.mirror.submit(h.name, record, sent)
+
+        if defer is None:
+            finish()
+        else:
+            defer(finish)
+        return {"request_id": request_id, **response(role, answer, req), "model": h.registered,
                 "version": champion.version, "latency_ms": round(ms, 3)}
 
     def log_record(self, h: Hosted, record: dict) -> None:

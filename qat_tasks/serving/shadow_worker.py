@@ -6,6 +6,9 @@ Each call has a deadline (`serving.shadow_timeout_ms`) on a runner thread (`exec
 late or hung answer a timeout, a worker whose runners are all hung drops the mirror. Outcomes go back to the service
 in batches, with a heartbeat, over a pipe; the service turns them into its metrics.
 
+While the service answers a request it may hold the process paused (SIGSTOP, `serving.shadow_yield`); it adds
+each pause to the shared `paused` seconds, and deadlines and call times here leave that time out.
+
 Messages from the service: ("load", {model: (package, log root) or None}) and ("stop",). To the service:
 ("loaded", {model: info or {"error": ...}}), ("report", [(model, outcome, ms, agreed)], status), ("stopped",).
 """
@@ -22,26 +25,30 @@ from qat_tasks.serving.requests import agree, answer_fields
 
 log = logging.getLogger(__name__)
 
-REPORT_EVERY_S = 0.05  # outcomes are sent in batches at most this old
-HEARTBEAT_EVERY_S = 0.5  # a status message at least this often, so the service can tell a hung process
+REPORT_EVERY_S = 0.25  # outcomes are sent in batches at most this old (fewer wake-ups in the service)
+HEARTBEAT_EVERY_S = 1.0  # a status message at least this often, so the service can tell a hung process
 
 
-def run(settings: dict, jobs, control, results) -> None:
+def run(settings: dict, jobs, control, results, paused) -> None:
     """The spawned process's entry point."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [shadow] %(message)s",
                         datefmt="%H:%M:%S")
     lower_priority(settings["nice"], settings["idle"])  # first: every thread started later inherits it
-    ShadowWorker(settings, jobs, control, results).serve()
+    ShadowWorker(settings, jobs, control, results, paused).serve()
 
 
 class ShadowWorker:
-    def __init__(self, settings: dict, jobs, control, results):
+    def __init__(self, settings: dict, jobs, control, results, paused):
         self.settings, self.jobs, self.control, self.results = settings, jobs, control, results
         self.timeout_s = settings["timeout_ms"] / 1000
         self.models: dict = {}  # configured model name -> ServedModel
         self.roots: dict[str, str] = {}  # configured model name -> log root
         self.writers: dict = {}  # log root -> RecordWriter
-        self.executors = [Executor() for _ in range(settings["workers"])]
+
+        def clock() -> float:  # the time this process could run: the service's pauses left out
+            return time.monotonic() - paused.value
+
+        self.executors = [Executor(clock=clock) for _ in range(settings["workers"])]
         self.stop = threading.Event()
         self._send_lock, self._out_lock = threading.Lock(), threading.Lock()
         self._outcomes: list[tuple] = []
