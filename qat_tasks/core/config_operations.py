@@ -197,7 +197,7 @@ class ServingConfig(Strict):
     shadow_queue_size: int = Field(default=1000, ge=1)  # mirrors waiting past this are dropped (and counted)
     shadow_workers: int = Field(default=1, ge=1)  # threads answering mirrors in the shadow process
     shadow_nice: int = Field(default=10, ge=0, le=19)  # the shadow process yields the CPU to the champion's
-    # Pause the shadow process while a champion request is computed, so its compute never runs beside the
+    # Pause the shadow process while the service answers a request, so its compute never runs beside the
     # champion's on shared cores; its deadlines leave the pauses out. On a saturated service it runs in the gaps
     # only, and its mirrors queue, then drop (counted). false: let it run beside (cores of its own).
     shadow_yield: bool = True
