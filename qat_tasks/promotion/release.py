@@ -91,8 +91,7 @@ def promote(cfg: PipelineConfig, model_name: str, ctx: tracking.RunContext, vers
 
 
 def _tell(cfg: PipelineConfig, event: str, name: str, result: dict, ctx: tracking.RunContext, hint: str) -> None:
-    from qat_tasks.reporting.airflow_links import mlflow_run_url
-    from qat_tasks.reporting.notifications import send
+    from qat_tasks.core.notify import mlflow_run_url, send
 
     link = mlflow_run_url(result.get("run_id", ""))
     send(cfg.notifications, event, f"{name}: {result['outcome']}",

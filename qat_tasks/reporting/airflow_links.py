@@ -3,20 +3,11 @@ link (the plugin registers the link for every operator; Airflow 3 reads a link's
 
 from __future__ import annotations
 
-import os
-
 from airflow.sdk import BaseOperatorLink
 
+from qat_tasks.core.notify import mlflow_run_url
+
 LINK_NAME = "MLflow run"
-
-
-def mlflow_run_url(run_id: str) -> str | None:
-    """The MLflow UI's page of a run (the UI finds the run's experiment itself): MLFLOW_UI_URL, else the tracking
-    server's address; None for a local file or SQLite store, which has no UI address."""
-    base = os.environ.get("MLFLOW_UI_URL") or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not run_id or not base.startswith(("http://", "https://")):
-        return None
-    return f"{base.rstrip('/')}/#/runs/{run_id}"
 
 
 class MlflowRunLink(BaseOperatorLink):
