@@ -2,13 +2,14 @@
 that the request never waits on (full: the mirror is dropped and counted). The shadow process (`shadow_worker`)
 runs in a process of its own, so it cannot take the champion's GIL or threads.
 
-While a champion request is being answered the shadow process is held paused (SIGSTOP, then SIGCONT when no
-request is in flight; `serving.shadow_yield`): on a machine whose cores it shares with the champion, its compute
-never runs beside the champion's. Measured on a 2-core machine, a bursty neighbour at SCHED_IDLE on the other core (an ONNX
+While the service answers a request the shadow process is held paused (SIGSTOP, then SIGCONT when no request
+is in flight; `serving.shadow_yield`): on a machine whose cores it shares with the champion, its compute never runs
+beside the champion's. Measured on a 2-core machine, a bursty neighbour at SCHED_IDLE on the other core (an ONNX
 Runtime loop, or even a pure spin loop) slowed the champion's inference by 3 to 5 % at the median and 10 to 12 % at
-P95; nice and SCHED_IDLE only decide who gets a core, not what the other core does meanwhile. The shadow then runs in the gaps between requests; on a
-saturated service its mirrors queue and, past the queue, drop (counted). Its deadlines and call times leave the
-paused time out (the shared `paused` seconds), so it is judged on the time it could run.
+P95: nice and SCHED_IDLE only decide who gets a core, not what the other core does meanwhile. The shadow then runs
+in the gaps between requests; on a saturated service its mirrors queue and, past the queue, drop (counted). Its
+deadlines and call times leave the paused time out (the shared `paused` seconds), so it is judged on the time it
+could run.
 
 A monitor thread reads the shadow's batched outcomes and heartbeats into the service's metrics, and restarts the
 process when it dies or stops answering: the mirrors it held are counted as dropped (`worker_lost`), those that
