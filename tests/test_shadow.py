@@ -5,21 +5,41 @@ the reviews read: every schema version, each role's records where they are asked
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import mlflow
 import pytest
 
 from qat_tasks.core import registry
-from qat_tasks.core.schema import INTENTS, EscalationRecord, InferenceRecord, RankedCandidate, RerankRecord
+from qat_tasks.core.schema import (
+    INTENTS,
+    SCHEMA_VERSION,
+    SCHEMA_VERSIONS,
+    EscalationRecord,
+    InferenceRecord,
+    RankedCandidate,
+    RerankRecord,
+    parse_line,
+    reason_category,
+)
 from qat_tasks.core.tracking import RunContext
 from qat_tasks.data.pii import scrub
+from qat_tasks.data.sampling import REPLAY, split_of
+from qat_tasks.data.traffic_log import read_records
 from qat_tasks.promotion import release, shadow
+from qat_tasks.promotion.traffic import log_root, read_role_records
 from qat_tasks.serving import replay
+from qat_tasks.serving.logs import RecordWriter
+from qat_tasks.serving.requests import IntentRequest
+from qat_tasks.serving.service import Service
 from tests.conftest import ROLE_MODEL_NAMES, WINDOW
+from tests.test_serving import ScriptedShadow, script, wait_for
 
 
 def ctx(run_id: str, reason: str = "test") -> RunContext:
@@ -61,8 +81,6 @@ def test_passing_review_promotes_and_rollback_restores(intent_registry):
     mv = intent_registry["client"].get_model_version(name, "2")
     assert mv.tags["shadow.review"] == "passed" and mv.tags["shadow.review_champion"] == "1"
     # The review is an MLflow run with its evidence.
-    import mlflow
-
     run = mlflow.get_run(verdict["run_id"])
     assert run.data.metrics["shadow.agreement"] == 1.0 and run.data.tags["review.verdict"] == "passed"
     arts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=verdict["run_id"])}
@@ -143,9 +161,6 @@ def _with(cfg, shadow_updates: dict, lenient_quality: bool):
 def test_quarterly_step_replays_logged_traffic_reviews_and_promotes(intent_registry):
     """The DAG's shadow_and_promote step in replay mode: logged traffic of replay conversations goes through
     the real ONNX Runtime champion and shadow, the paired records are reviewed, and a pass promotes."""
-    from qat_tasks.data.sampling import split_of
-    from qat_tasks.data.traffic_log import read_records
-
     cfg = _with(intent_registry["cfg"], {"review": "replay", "replay_max_requests": 300, "min_agreement": 0.5,
                                          "max_p95_ratio": 100.0, "min_reviewed_labels": 30}, lenient_quality=True)
     window = {"start": WINDOW[0].isoformat(), "end": WINDOW[1].isoformat()}
@@ -179,8 +194,6 @@ def test_quarterly_step_does_not_promote_a_shadow_that_fails_on_replay(intent_re
 def test_production_never_promotes_on_replayed_evidence_nor_without_a_person(intent_registry):
     """The production profile's shadow settings on a real registry: the quarterly step only deploys the shadow
     (no replay), a passing live review waits, and only `promote` (a person's command) moves @champion."""
-    from pathlib import Path
-
     from qat_tasks.core.config import load_config
 
     prod = load_config(Path(__file__).resolve().parent.parent / "configs" / "production.yaml")
@@ -211,8 +224,6 @@ def test_production_never_promotes_on_replayed_evidence_nor_without_a_person(int
 
 
 def test_replay_sends_logged_traffic_through_both_and_keeps_reviewed_labels(intent_registry, traffic_dir, tmp_path):
-    from qat_tasks.data.traffic_log import read_records
-
     reg = intent_registry
     start, end = (datetime(d.year, d.month, d.day, tzinfo=UTC) for d in (WINDOW[0], WINDOW[0] + timedelta(days=1)))
     logged, stats = read_records(str(traffic_dir), start, end, events={"quantized_inference", "inference"})
@@ -266,8 +277,6 @@ def role_mirrored(name: str, role: str, n: int, *, disagree: float = 0.0, reorde
 
 
 def test_escalation_detector_review_judges_the_escalate_decision(encoder_registry):
-    import mlflow
-
     cfg, name = encoder_registry["cfg"], encoder_registry["roles"]["escalation_detector"]["name"]
     verdict = shadow.review(cfg, "escalation-detector", role_mirrored(name, "escalation_detector", 300), ctx("e1"),
                             "test traffic")
@@ -295,11 +304,7 @@ def test_reranker_review_judges_top1_agreement_and_overlap(encoder_registry):
 
 
 def test_live_review_of_a_role_reads_its_own_log_folder(encoder_registry):
-    from qat_tasks.promotion.traffic import log_root
-    from qat_tasks.serving.logs import RecordWriter
-
-    reg = encoder_registry
-    cfg, client, name = reg["cfg"], reg["client"], reg["roles"]["reranker"]["name"]
+    cfg, client, name = (reg := encoder_registry)["cfg"], reg["client"], reg["roles"]["reranker"]["name"]
     now = datetime.now(UTC)
     client.set_model_version_tag(name, "2", "shadow.deployed_at", (now - timedelta(hours=30)).isoformat())
     with RecordWriter(log_root(cfg.serving_log_dir, "reranker", "reranker")) as writer:
@@ -307,23 +312,15 @@ def test_live_review_of_a_role_reads_its_own_log_folder(encoder_registry):
             writer.write(rec.model_dump())
     out = shadow.review_live(cfg, "reranker", ctx("live-k1"), now=now)
     assert out["outcome"] == "passed" and out["mirrored"] == 250 and out["invalid_lines"] == 0, out
-    assert out["action"].startswith("promoted v2") and aliases_of(reg, name)["champion"] == "2"
+    assert out["action"].startswith("promoted v2") and aliases({**reg, "name": name})["champion"] == "2"
     # The intent classifier's review reads the log root, which holds none of the reranker's records.
     client.set_model_version_tag(reg["name"], "2", "shadow.deployed_at", (now - timedelta(hours=30)).isoformat())
     intent = shadow.review_live(cfg, "intent-classifier", ctx("live-i1"), now=now)
     assert intent["outcome"] == "insufficient_evidence" and intent["mirrored"] == 0 and intent["invalid_lines"] == 0
 
 
-def aliases_of(reg, name: str) -> dict[str, str]:
-    return aliases({"client": reg["client"], "name": name})
-
-
 @pytest.mark.parametrize("role", ["escalation_detector", "reranker"])
 def test_quarterly_step_replays_a_role_only_on_its_own_logged_answers(encoder_registry, tmp_path, role):
-    from qat_tasks.data.sampling import REPLAY, split_of
-    from qat_tasks.promotion.traffic import log_root, read_role_records
-    from qat_tasks.serving.logs import RecordWriter
-
     reg, model = encoder_registry, ROLE_MODEL_NAMES[role]
     name = reg["roles"][role]["name"]
     base = _with(reg["cfg"], {"review": "replay", "min_agreement": 0.0, "min_overlap_at_k": 0.0, "max_p95_ratio": 100.0,
@@ -345,7 +342,7 @@ def test_quarterly_step_replays_a_role_only_on_its_own_logged_answers(encoder_re
             writer.write(rec.model_dump())
     out = replay.shadow_challenger(cfg, decision, window, ctx(f"q-{role}-2"))
     assert out["outcome"] == "passed" and out["mirrored"] == out["answered"] == 40, out
-    assert out["action"].startswith("promoted v2") and aliases_of(reg, name)["champion"] == "2"
+    assert out["action"].startswith("promoted v2") and aliases({**reg, "name": name})["champion"] == "2"
     replayed, stats = read_role_records(str(cfg.state_path / "shadow-replay" / f"q-{role}-2" / model),
                                         datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC), role)
     assert stats["invalid"] == 0 and Counter(r.event for r in replayed) == {"inference": 40, "shadow_inference": 40}
@@ -357,13 +354,10 @@ def test_quarterly_step_replays_a_role_only_on_its_own_logged_answers(encoder_re
 def _record(ts: datetime, **changes) -> dict:
     return {"schema_version": 1, "event": "inference", "request_id": f"req-{ts.timestamp():.0f}",
             "conversation_id": "conv-1", "turn": 0, "timestamp": ts, "model": "m/v1", "runtime": "onnxruntime",
-            "text": "where is my order", "intent": "order_status", "confidence": 0.9, "latency_ms": 3.2,
-            **changes}
+            "text": "where is my order", "intent": "order_status", "confidence": 0.9, "latency_ms": 3.2, **changes}
 
 
 def test_every_schema_version_is_read_and_each_role_only_where_asked():
-    from qat_tasks.core.schema import SCHEMA_VERSION, SCHEMA_VERSIONS, parse_line, reason_category
-
     assert (SCHEMA_VERSION, SCHEMA_VERSIONS) == (3, (1, 2, 3))
     v1 = {**_record(datetime(2026, 7, 1, tzinfo=UTC)), "timestamp": "2026-07-01T10:00:00Z"}
     label = {"schema_version": 2, "event": "review_label", "request_id": "req-1", "reviewed_label": "escalation",
@@ -372,8 +366,7 @@ def test_every_schema_version_is_read_and_each_role_only_where_asked():
                  {**label, "schema_version": 3}):
         assert parse_line(json.dumps(line))[1] is None, line
     (esc,) = [r for r in role_mirrored("m", "escalation_detector", 1) if r.event == "inference"]
-    esc_line = esc.model_dump_json()
-    rec, reason = parse_line(esc_line)  # what calibration, drift and the label join read: intent records only
+    rec, reason = parse_line(esc_line := esc.model_dump_json())  # what calibration, drift and the label join read
     assert rec is None and reason_category(reason) == "invalid:role"
     assert parse_line(esc_line, roles=("escalation_detector",))[0] == esc
     assert parse_line(esc_line.replace('"schema_version":3', '"schema_version":2'), roles=("escalation_detector",))[0] is None
@@ -383,9 +376,6 @@ def test_every_schema_version_is_read_and_each_role_only_where_asked():
 
 
 def test_log_writer_partitions_by_day_refuses_invalid_records_and_reader_counts_bad_lines(tmp_path):
-    from qat_tasks.data.traffic_log import read_records
-    from qat_tasks.serving.logs import RecordWriter
-
     day1 = datetime(2026, 7, 1, 23, 59, 59, tzinfo=UTC)
     writer = RecordWriter(str(tmp_path), flush_records=100, flush_seconds=60)
     with pytest.raises(ValueError, match="intent: unknown intent 'refund'"):
@@ -416,14 +406,10 @@ def test_log_writer_partitions_by_day_refuses_invalid_records_and_reader_counts_
 
 def test_log_writer_bounds_its_memory_while_storage_is_down(tmp_path):
     """Past max_buffered the oldest records are dropped, counted, never silently."""
-    from qat_tasks.serving.logs import RecordWriter
-
-    blocked = tmp_path / "logs"
-    blocked.write_text("not a folder")
+    (blocked := tmp_path / "logs").write_text("not a folder")
     writer = RecordWriter(str(blocked), flush_records=1000, flush_seconds=60, max_buffered=5)
-    start = datetime(2026, 7, 1, 12, tzinfo=UTC)
     for i in range(8):
-        writer.write(_record(start + timedelta(seconds=i)))
+        writer.write(_record(datetime(2026, 7, 1, 12, tzinfo=UTC) + timedelta(seconds=i)))
     with pytest.raises(OSError):
         writer.flush()
     assert writer.pending == 5 and writer.stats["dropped"] == 3 and writer.stats["flush_errors"] == 1
@@ -439,28 +425,21 @@ def test_the_shadow_is_held_paused_while_the_champion_answers_and_judged_on_the_
     """The service stops the shadow process while a champion request is in flight; a shadow call that spans such a
     pause is judged, and its latency logged, on the time it could run: 0.1 s of work inside 1.6 s of wall time
     meets a 1 s deadline."""
-    import functools
-    from pathlib import Path
-
-    from qat_tasks.data.traffic_log import read_records
-    from qat_tasks.serving.requests import IntentRequest
-    from qat_tasks.serving.service import Service
-    from tests.test_serving import ScriptedShadow, script, wait_for
-
     control, started = tmp_path / "script.json", datetime.now(UTC)
     script(control, mode="hang", seconds=0.1, calls=1, epoch=1, cpu=True)  # 0.1 s of work
     cfg = intent_registry["cfg"]
     service = Service(cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"shadow_timeout_ms": 1000.0})}),
                       "intent-classifier", shadow_factory=functools.partial(ScriptedShadow, str(control)))
-    state = Path(f"/proc/{service.health()['shadow_process']['pid']}/stat")
+    stat = Path(f"/proc/{service.health()['shadow_process']['pid']}/stat")
+    state = lambda: stat.read_text().rsplit(")", 1)[1].split()[0]  # noqa: E731  # T: stopped
     try:
         service.answer(IntentRequest(text="where is my order", request_id="req-paused"))
         time.sleep(0.05)  # the shadow's call has started
         service.mirror.hold()  # a long champion request
-        wait_for(lambda: state.read_text().rsplit(")", 1)[1].split()[0] == "T", 5, "the shadow process stopped")
+        wait_for(lambda: state() == "T", 5, "the shadow process stopped")
         time.sleep(1.5)  # past the deadline in wall time
         service.mirror.release()
-        wait_for(lambda: state.read_text().rsplit(")", 1)[1].split()[0] != "T", 5, "the shadow process resumed")
+        wait_for(lambda: state() != "T", 5, "the shadow process resumed")
         wait_for(lambda: service.mirror.counts.snapshot()["answered"] == 1, 20, "the shadow's answer")
         assert service.mirror.counts.snapshot()["timeouts"] == 0 and service.mirror.paused_seconds() >= 1.5
     finally:
