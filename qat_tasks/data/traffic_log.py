@@ -68,10 +68,14 @@ class LogWriter:
         self._flusher = threading.Thread(target=self._run, args=(flush_seconds,), daemon=True, name="log-flusher")
         self._flusher.start()
 
+    def record_class(self, record: dict):
+        """The schema class a record is validated against: a review label or an intent classifier's turn."""
+        return ReviewLabel if record.get("event") == "review_label" else InferenceRecord
+
     def write(self, record: dict) -> None:
         """Buffer one record (a logged turn, or a review label); ValueError (naming the field) for a record the
         traffic schema refuses."""
-        model = ReviewLabel if record.get("event") == "review_label" else InferenceRecord
+        model = self.record_class(record)
         try:
             rec = model.model_validate(record)
         except ValidationError as exc:
