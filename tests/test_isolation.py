@@ -46,3 +46,23 @@ def test_the_stage_s_exception_is_raised_as_it_was():
 def test_a_process_that_dies_without_a_result_is_named_with_a_way_out():
     with pytest.raises(isolation.StageProcessDied, match="die: its process ended without a result.*rerun"):
         isolation.run(_die, task="die", isolate=True)
+
+
+def test_a_stage_defined_in_the_main_script_runs_isolated(tmp_path):
+    """A benchmark script isolates functions it defines itself: its process needs the script, which then runs again
+    (under another name); a stage defined in a module starts without it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "bench_like.py"
+    script.write_text("import os\nfrom qat_tasks.core import isolation\n\n"
+                      "def measure(x):\n    return {'pid': os.getpid(), 'twice': 2 * x}\n\n"
+                      "if __name__ == '__main__':\n"
+                      "    row, _ = isolation.run(measure, 21, task='measure', isolate=True)\n"
+                      "    assert row['pid'] != os.getpid(), row\n    print('result', row['twice'])\n")
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(repo)}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "result 42" in out.stdout

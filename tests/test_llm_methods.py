@@ -104,6 +104,22 @@ def test_autoround_and_the_importance_weighted_observer_quantize(llama, probe, t
                  progress=False)
 
 
+def test_the_mse_observer_clips_each_group_to_less_weight_error_without_data(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ref = {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(llama).named_parameters()
+           if ".layers." in n and n.endswith("proj.weight")}
+    errors = {}
+    for observer in ("minmax", "mse"):
+        spec = QuantSpec("rtn", group_size=64, symmetric=False, observer=observer, chunk_layers=4)
+        assert spec.calibrated is False  # mse reads the weights only
+        quantize(llama, spec, [], tmp_path / observer, work_dir=tmp_path / f"{observer}-w", progress=False)
+        model, _ = load_quantized(tmp_path / observer)
+        got = dict(model.named_parameters())
+        errors[observer] = sum(float((got[n].detach().float() - w).pow(2).sum()) for n, w in ref.items())
+    assert errors["mse"] < errors["minmax"]
+
+
 def test_mixed_precision_gives_the_most_sensitive_layers_8_bits_within_the_budget(llama, probe, tmp_path):
     sensitivity = ((0, 0.5), (1, 0.1), (2, 0.2), (3, 4.0))  # block 3 hurts most alone at 4 bits
     quantize(llama, QuantSpec("rtn", group_size=64, symmetric=False, chunk_layers=4), [], tmp_path / "u",
@@ -157,9 +173,32 @@ def test_candidates_name_their_method_and_refuse_what_cannot_run():
     assert c.key == "gptq-both-spinquant-asym-g64-mixed5.5"
     assert LlmCandidate(method="rtn", calibration="none").key == "rtn"
     assert LlmCandidate(method="rtn", calibration="domain", observer="imatrix").key == "rtn-domain-imatrix"
+    assert LlmCandidate(method="rtn", calibration="none", observer="mse").key == "rtn-mse"  # searches ranges, no data
     with pytest.raises(ValidationError, match="the bit allocator"):
         LlmCandidate(method="rtn", calibration="none", average_bits=5.5)
-    with pytest.raises(ValidationError, match="rtn .round-to-nearest. with min/max ranges takes no"):
+    with pytest.raises(ValidationError, match="rtn .round-to-nearest. without the imatrix observer takes no"):
         LlmCandidate(method="rtn", calibration="generic")
     with pytest.raises(ValidationError, match="rotation"):
         LlmCandidate(method="gptq", rotation="quarot")
+
+
+def test_the_block_probe_measures_what_quantizing_each_unit_alone_measures(llama):
+    """Blocks before the probed one are taken from the unquantized pass; the perplexity must equal quantizing the
+    unit in the whole model and measuring it from scratch (odd window count: a short last batch)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qat_tasks.llm import perplexity
+    from qat_tasks.llm.sensitivity import block_sensitivity, rtn_fake_quant, units
+
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()
+    windows = perplexity.TokenWindows(AutoTokenizer.from_pretrained(llama), TEXTS * 4, window=16, max_tokens=16 * 5)
+    report = block_sensitivity(model, windows, perplexity.perplexity, 4, 64, False, batch_size=2, progress=False)
+    assert [r["unit"] for r in report["rows"]] == [name for name, _ in units(model)]
+    for row, (name, _) in zip(report["rows"], units(model), strict=True):
+        reference = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()
+        for lin in dict(units(reference))[name]:
+            lin.weight = torch.nn.Parameter(rtn_fake_quant(lin.weight, 4, 64, False), requires_grad=False)
+        expected = perplexity.perplexity(reference, windows, batch_size=2, progress=False)["perplexity"]
+        assert row["perplexity"] == pytest.approx(expected, rel=1e-5), name
+    assert report["base_perplexity"] == pytest.approx(
+        perplexity.perplexity(model, windows, batch_size=2, progress=False)["perplexity"], rel=1e-9)

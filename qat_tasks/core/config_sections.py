@@ -219,9 +219,10 @@ class LlmCandidate(Strict):
     calibration: Literal["domain", "generic", "both", "none"] = "domain"
     # spinquant: R1/R2 random-Hadamard rotations folded into the weights first (qat_tasks.llm.rotation).
     rotation: Literal["none", "spinquant"] = "none"
-    # imatrix: weight ranges that minimise the error weighted by each input channel's mean square on the calibration
-    # text (llm-compressor's importance-weighted observer); it makes calibration text necessary for any method.
-    observer: Literal["minmax", "imatrix"] = "minmax"
+    # mse: each group's range clipped to the grid point that minimises its rounding error (no data); imatrix: the
+    # same search weighted by each input channel's mean square on the calibration text (llm-compressor's
+    # importance-weighted observer), which makes calibration text necessary for any method.
+    observer: Literal["minmax", "mse", "imatrix"] = "minmax"
     symmetric: bool | None = None  # None: the track's default for the method
     group_size: Literal[32, 64, 128] | None = None  # None: the track's
     # Mixed precision by measurement: the most sensitive layers get `llm.high_bits` while the stored bits per
@@ -232,12 +233,12 @@ class LlmCandidate(Strict):
 
     @model_validator(mode="after")
     def _calibration_fits(self) -> LlmCandidate:
-        needs_text = self.method != "rtn" or self.observer != "minmax" or self.average_bits is not None
+        needs_text = self.method != "rtn" or self.observer == "imatrix" or self.average_bits is not None
         if not needs_text and self.calibration != "none":
-            raise ValueError(f"calibration {self.calibration!r}: rtn (round-to-nearest) with min/max ranges takes no "
-                             f"calibration data; write calibration: none")
+            raise ValueError(f"calibration {self.calibration!r}: rtn (round-to-nearest) without the imatrix observer "
+                             f"takes no calibration data; write calibration: none")
         if needs_text and self.calibration == "none":
-            what = self.method if self.method != "rtn" else ("the imatrix observer" if self.observer != "minmax"
+            what = self.method if self.method != "rtn" else ("the imatrix observer" if self.observer == "imatrix"
                                                              else "the bit allocator (average_bits)")
             raise ValueError(f"calibration 'none': {what} needs calibration text (domain or generic)")
         return self

@@ -108,13 +108,15 @@ def _allow_children() -> None:
 
 
 @contextmanager
-def _main_script_hidden():
+def _main_script_hidden(fn):
     """A new process runs the parent's main script again unless the main is a module: for a worker started as
     the `airflow` script, that re-imports Airflow, which in a task process (no metadata database) fails, and
-    costs seconds anyway. The stage needs nothing from it, so the script's path is hidden while it starts."""
+    costs seconds anyway. A stage defined elsewhere needs nothing from it, so the script's path is hidden while it
+    starts; a stage defined in the script itself (a benchmark's) needs the script, which then runs again."""
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
-    if main is None or path is None or getattr(main, "__spec__", None) is not None:
+    if (main is None or path is None or getattr(main, "__spec__", None) is not None
+            or getattr(fn, "__module__", None) == "__main__"):
         yield
         return
     del main.__file__
@@ -185,7 +187,7 @@ def run(fn, *args, task: str, isolate: bool, **kwargs):
             with ProcessPoolExecutor(1, mp_context=ctx, initializer=_child_setup,
                                      initargs=(level, dict(os.environ), os.getcwd())) as pool:
                 try:
-                    with _main_script_hidden():  # the stage process starts here
+                    with _main_script_hidden(fn):  # the stage process starts here
                         future = pool.submit(_call, fn, args, kwargs)
                     result, stage_peak = future.result()
                 except BrokenProcessPool as exc:

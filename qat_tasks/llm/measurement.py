@@ -131,13 +131,16 @@ def pack_texts(tokenizer, texts: list[str], max_tokens: int, max_samples: int) -
     return samples
 
 
-def evaluate(model, tokenizer, data: LlmData, tc: LlmTrackConfig, batch_size: int = 4) -> dict:
-    """The same measurements for the unquantized model and every candidate."""
+def evaluate(model, tokenizer, data: LlmData, tc: LlmTrackConfig, batch_size: int = 4,
+             generations: bool = True) -> dict:
+    """The same measurements for the unquantized model and every candidate. `generations=False` skips the greedy
+    replies, which only reviewers read (the judging texts' decision reads the gated metrics)."""
     t0 = time.perf_counter()
     generic = perplexity.perplexity(model, data.generic_windows, batch_size=batch_size)
     domain = perplexity.perplexity(model, data.domain_windows, batch_size=batch_size)
     route = routing.routing_accuracy(model, tokenizer, data.routing_rows, list(INTENTS), data.shots)
-    generations = routing.greedy_generations(model, tokenizer, list(tc.generation_prompts), tc.max_new_tokens)
+    replies = (routing.greedy_generations(model, tokenizer, list(tc.generation_prompts), tc.max_new_tokens)
+               if generations else [])
     for name, w, r in (("generic", data.generic_windows, generic), ("domain", data.domain_windows, domain)):
         if r.get("digest", w.digest) != w.digest:  # never compare numbers measured on different inputs
             raise RuntimeError(f"{name} perplexity was measured on windows {r['digest'][:12]}, not {w.digest[:12]}")
@@ -152,7 +155,7 @@ def evaluate(model, tokenizer, data: LlmData, tc: LlmTrackConfig, batch_size: in
                            if "calibrated_accuracy" in route else {}),
                         "eval_s": time.perf_counter() - t0},
             "routing": _jsonable({k: v for k, v in route.items() if k not in ("predictions", "scores")}),
-            "generations": generations}
+            "generations": replies}
 
 
 def _jsonable(obj):

@@ -69,7 +69,10 @@ def _autoround(spec: QuantSpec, groups: dict, ignore: list[str]) -> list:
 
 
 METHODS = tuple(_METHODS)
-OBSERVERS = {"minmax": None, "imatrix": "imatrix_mse"}  # weight ranges: min/max (the default), or importance-weighted MSE
+# Weight ranges: min/max (the default); "mse": each group's range shrunk to the grid point that minimises its rounding
+# error (no data); "imatrix": the same search weighted by each input channel's mean square on the calibration text.
+OBSERVERS = {"minmax": None, "mse": "memoryless_mse", "imatrix": "imatrix_mse"}
+DATA_OBSERVERS = frozenset({"imatrix"})  # observers that read the calibration text
 
 
 def autoround_zero_points(model, targets) -> None:

@@ -59,7 +59,7 @@ from qat_tasks.llm.checkpoint import (
     write_manifest,
 )
 from qat_tasks.llm.formats import VLLM_GROUP_SIZES, effective_group_size
-from qat_tasks.llm.methods import _METHODS, METHODS, OBSERVERS, autoround_zero_points
+from qat_tasks.llm.methods import _METHODS, DATA_OBSERVERS, METHODS, OBSERVERS, autoround_zero_points
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ class QuantSpec:
     chunk_layers: int = 8  # decoder layers per resumable chunk
     # What happens to the weights before quantization: "spinquant" folds R1/R2 rotations in (qat_tasks.llm.rotation).
     rotation: str | None = None
-    # Weight ranges: "minmax", or "imatrix" (MSE weighted by each input channel's mean square on the calibration
-    # text, which then becomes necessary for every method).
+    # Weight ranges: "minmax", "mse" (each group's clipping chosen by its rounding error), or "imatrix" (that error
+    # weighted by each input channel's mean square on the calibration text, which then becomes necessary).
     observer: str = "minmax"
     autoround_iters: int = 50
     autoround_batch_size: int = 8
@@ -159,7 +159,7 @@ class QuantSpec:
     @property
     def calibrated(self) -> bool:
         """Needs calibration text: the method's own need, or the importance-weighted observer's, or the allocator's."""
-        return _METHODS[self.method].calibrated or self.observer != "minmax" or self.average_bits is not None
+        return _METHODS[self.method].calibrated or self.observer in DATA_OBSERVERS or self.average_bits is not None
 
     def weight_args(self, group_size: int, bits: int | None = None):
         """The weight format of a layer. 8-bit weights are always symmetric: vLLM's Marlin kernels take zero points
@@ -383,7 +383,7 @@ def _calibrate_chunk(k: int, source: Path, spec: QuantSpec, plan: _Plan, samples
 
     recipe = _METHODS[spec.method].recipe(spec, _config_groups(spec, targets, compact=False, bits=plan.bits), [])
     # The allocator alone may have asked for calibration text: round-to-nearest with min/max ranges does not read it.
-    needs_data = _METHODS[spec.method].calibrated or spec.observer != "minmax"
+    needs_data = _METHODS[spec.method].calibrated or spec.observer in DATA_OBSERVERS
     _oneshot(model, tokenizer, samples if needs_data else [], recipe)
     if spec.method == "autoround":
         autoround_zero_points(model, targets)

@@ -364,11 +364,11 @@ def _judge_finalist(cfg, tc, base_dir: Path, data: LlmData, result: dict, tmp: P
 
     judge = data.judging()
     reference = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    base = evaluate(reference, AutoTokenizer.from_pretrained(base_dir), judge, tc)
+    base = evaluate(reference, AutoTokenizer.from_pretrained(base_dir), judge, tc, generations=False)
     del reference
     resources.release_memory()
     model, qtok = checkpoint.load_quantized(_checkpoint_of(result, tmp / "finalist"))
-    cand = evaluate(model, qtok, judge, tc)
+    cand = evaluate(model, qtok, judge, tc, generations=False)
     del model
     final = {**cand["metrics"], **{k: result["metrics"][k] for k in ("size_mb", "average_bits") if k in result["metrics"]}}
     base_metrics = {**base["metrics"]}
