@@ -17,6 +17,7 @@ by the per-block sensitivity measured here on the unquantized model.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -151,17 +152,27 @@ def main() -> None:
              "average_bits": bit_allocation.stored_bits(base_dir)["average_bits"], "high_bit_layers": 0}]
     print(f"  unquantized measured in {time.perf_counter() - t0:.0f} s; most sensitive blocks "
           f"{report['most_sensitive'][:6]}", flush=True)
+    failed = {}
     for name in args.variants:
         t = time.perf_counter()
-        row, _ = isolation.run(measure, args.config, state, args.model, name, VARIANTS[name], cal.uri, blocks,
-                               args.autoround_iters, task=name, isolate=True)
+        try:
+            row, _ = isolation.run(measure, args.config, state, args.model, name, VARIANTS[name], cal.uri, blocks,
+                                   args.autoround_iters, task=name, isolate=True)
+        except Exception as exc:  # one variant's failure is a finding, not the end of the others' measurements
+            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            print(f"  {name}: FAILED after {time.perf_counter() - t:.0f} s: {failed[name]}", flush=True)
+            continue
         rows.append(row)
+        with open(Path(state) / "rows.jsonl", "a") as fh:  # what finished survives a crash of the run
+            fh.write(json.dumps({k: v for k, v in row.items() if k != "allocation"}) + "\n")
         print(f"  {name}: {time.perf_counter() - t:.0f} s", flush=True)
         if row.get("allocation"):
             eight = [r for r in row["allocation"] if r["bits"] > tc.bits]
             print(f"    {len(eight)} layer groups at 8-bit: " + ", ".join(
                 f"block {r['block']} {r['layers']} ({r['sensitivity']:.2f})" for r in eight), flush=True)
     print_table(rows)
+    for name, why in failed.items():
+        print(f"| {name:<27} | failed: {why}")
     print_targets(rows)
 
 
