@@ -65,8 +65,6 @@ VARIANTS: dict[str, dict] = {
 def measure(cfg_path: str | None, state: str, model_name: str, name: str, fields: dict, cal_uri: str,
             sensitivity: dict, autoround_iters: int | None = None) -> dict:
     """One variant, quantized and measured in this (its own) process."""
-    import json
-
     os.environ["QAT_STATE_DIR"] = state
     from transformers import AutoTokenizer
 
