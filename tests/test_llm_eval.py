@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +108,10 @@ def test_routing_fast_path_equals_full_sequence_scoring(model, tokenizer):
                 logp = torch.log_softmax(model(seq).logits[0].double(), -1)
                 naive = sum(float(logp[len(context) - 1 + j, tok]) for j, tok in enumerate(label))
                 assert report["scores"][r, k] == pytest.approx(naive, abs=1e-4)
+    texts = [r["text"] for r in rows]
+    for batch_size in (1, 2):  # batch edges and padding do not change a score
+        again = routing.routing_scores(model, prompt, texts, progress=False, batch_size=batch_size)
+        assert np.allclose(again, report["scores"][:3], atol=1e-5)
     best = [INTENTS[i] for i in report["scores"].argmax(1)]
     assert report["predictions"] == best
     assert report["n"] == 3 and report["confusion"].sum() == 3

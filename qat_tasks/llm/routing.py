@@ -72,19 +72,25 @@ def routing_prompt(tokenizer, intents=INTENTS, shots=DEFAULT_SHOTS) -> RoutingPr
     return RoutingPrompt(intents, tuple(prefix), labels, tokenizer)
 
 
-def routing_scores(model, prompt: RoutingPrompt, texts: list[str], progress: bool = True) -> np.ndarray:
-    """[rows, intents] total log-probability of each label. The shared prefix runs once; per row, a copy of its
-    KV cache takes the message, is expanded to one copy per intent, and all labels run as one batch."""
+def routing_scores(model, prompt: RoutingPrompt, texts: list[str], progress: bool = True,
+                   batch_size: int = 8) -> np.ndarray:
+    """[rows, intents] total log-probability of each label.
+
+    The shared prefix runs once. Each forward pass then takes `batch_size` messages on copies of its KV cache, one
+    row per message: the message (right-padded), then every label's tokens side by side. A tree-shaped attention
+    mask lets each label see the prefix, its own message and its own earlier tokens only, and each label's positions
+    continue from its message's end, so every label scores as if it alone followed the message, while the cache is
+    copied once per message rather than once per message and label."""
     import torch
     from tqdm.auto import tqdm
 
-    device = device_of(model)
-    k = len(prompt.intents)
-    lengths = [len(ids) for ids in prompt.label_ids]
-    width = max(lengths)
-    # Right-padded labels: a pad sits after a label's last token, so it never affects that label's score.
-    labels = torch.tensor([list(ids) + [ids[-1]] * (width - len(ids)) for ids in prompt.label_ids], device=device)
-    first = labels[:, 0]
+    device, dtype = device_of(model), next(model.parameters()).dtype
+    k, n_prefix = len(prompt.intents), len(prompt.prefix_ids)
+    span = max(len(ids) for ids in prompt.label_ids) - 1  # label tokens fed as input: all but each label's last
+    # Right-padded label inputs: a pad sits after a label's inputs, so it never affects that label's score.
+    label_in = [list(ids[:-1]) + [ids[-1]] * (span - len(ids) + 1) for ids in prompt.label_ids]
+    first = torch.tensor([ids[0] for ids in prompt.label_ids], device=device)
+    rest = [torch.tensor(ids[1:], device=device) for ids in prompt.label_ids]
     out = np.zeros((len(texts), k))
     was_training = model.training
     model.eval()
@@ -92,20 +98,49 @@ def routing_scores(model, prompt: RoutingPrompt, texts: list[str], progress: boo
         with torch.inference_mode():
             prefix = model(input_ids=torch.tensor([prompt.prefix_ids], device=device), use_cache=True,
                            logits_to_keep=1).past_key_values
-            for r, text in enumerate(tqdm(texts, desc="intent routing", unit="msg", disable=not progress,
-                                          mininterval=5)):
+            bar = tqdm(total=len(texts), desc="intent routing", unit="msg", disable=not progress, mininterval=5)
+            encoded = [prompt.message_ids(t) for t in texts]
+            order = sorted(range(len(texts)), key=lambda r: len(encoded[r]))  # batches of like lengths pad little
+            for start in range(0, len(texts), batch_size):
+                rows = order[start:start + batch_size]
+                messages = [encoded[r] for r in rows]
+                n, width = len(messages), max(len(m) for m in messages)
+                length = width + k * span
+                ids = torch.zeros((n, length), dtype=torch.long, device=device)
+                pos = torch.zeros((n, length), dtype=torch.long, device=device)
+                seen = torch.zeros((n, length, n_prefix + length), dtype=torch.bool, device=device)
+                seen[:, :, :n_prefix] = True
+                causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+                own = torch.ones((span, span), dtype=torch.bool, device=device).tril()
+                for b, m in enumerate(messages):
+                    used = len(m)
+                    ids[b, :width] = torch.tensor(m + [m[-1]] * (width - used), device=device)
+                    pos[b, :width] = n_prefix + torch.arange(width, device=device)
+                    seen[b, :width, n_prefix:n_prefix + width] = causal
+                    for j in range(k):
+                        s = width + j * span
+                        ids[b, s:s + span] = torch.tensor(label_in[j], device=device)
+                        pos[b, s:s + span] = n_prefix + used + torch.arange(span, device=device)
+                        seen[b, s:s + span, n_prefix:n_prefix + used] = True
+                        seen[b, s:s + span, n_prefix + s:n_prefix + s + span] = own
+                mask = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, torch.finfo(dtype).min)
                 cache = copy.deepcopy(prefix)
-                msg = torch.tensor([prompt.message_ids(text)], device=device)
-                step = model(input_ids=msg, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                score = torch.log_softmax(step.logits[0, -1].float(), -1)[first].double()
-                if width > 1:
-                    cache = step.past_key_values
-                    cache.batch_repeat_interleave(k)
-                    logits = model(input_ids=labels[:, :-1], past_key_values=cache, use_cache=True).logits
-                    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels[:, 1:, None])[..., 0].double()
-                    mask = torch.arange(1, width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-                    score = score + (logp * mask).sum(1)
-                out[r] = score.cpu().numpy()
+                cache.batch_repeat_interleave(n)
+                ends = torch.tensor([len(m) - 1 for m in messages], device=device)
+                keep = torch.cat([ends.unique(), torch.arange(width, length, device=device)])  # logits read below
+                logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, past_key_values=cache,
+                               use_cache=True, logits_to_keep=keep).logits.float()
+                logp = torch.log_softmax(logits, -1)
+                at = {int(t): i for i, t in enumerate(keep)}
+                for b in range(n):
+                    score = logp[b, at[int(ends[b])]][first].double()
+                    for j in range(k):
+                        s = width + j * span
+                        steps = logp[b, [at[s + t] for t in range(len(rest[j]))]]
+                        score[j] += steps.gather(-1, rest[j][:, None])[:, 0].double().sum()
+                    out[rows[b]] = score.cpu().numpy()
+                bar.update(n)
+            bar.close()
     finally:
         model.train(was_training)
     return out
