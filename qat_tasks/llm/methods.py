@@ -79,7 +79,8 @@ def _scoped_autoround():
     1 % weight error against their stored scales, 0.11 relative logit error in the written checkpoint, 2.5 times
     the tuning time with four chunks) or layers kept at 16 bits. Here a block with no scheme is passed through
     untouched (its captured inputs freed), inside a tuned block every Linear without a scheme is left out, and a
-    tuned block goes back to the model's dtype, so the blocks after it take inputs of the dtype they run in."""
+    tuned block goes back to the model's dtype, so the blocks after it take inputs of the dtype they run in, with
+    its zero points carried over (`carry_autoround_grid`) before the pipeline propagates through it."""
     global _SCOPED_AUTOROUND
     if _SCOPED_AUTOROUND is None:
         from llmcompressor.modifiers.autoround import AutoRoundModifier
@@ -97,8 +98,12 @@ def _scoped_autoround():
                     return
                 dtype = next(blocks[0].parameters()).dtype if blocks else None
                 super().apply_autoround(state, modules)
-                if dtype is not None:  # AutoRound leaves a tuned block in bfloat16; its values are exact in float32
-                    blocks[0].to(dtype)
+                if blocks:
+                    blocks[0].to(dtype)  # AutoRound leaves a tuned block in bfloat16; its values are exact in float32
+                    # At once, not after calibration: the pipeline next runs this block with quantization on to
+                    # feed the next one, and with the zero points still zero it would feed it garbage.
+                    carry_autoround_grid((n, m) for n, m in blocks[0].named_modules()
+                                         if getattr(m, "quantization_scheme", None) is not None)
 
             def get_unquantized_layer_names(self, block) -> list[str]:
                 return [n for n, m in block.named_modules()
@@ -115,27 +120,28 @@ OBSERVERS = {"minmax": None, "mse": "memoryless_mse", "imatrix": "imatrix_mse"}
 DATA_OBSERVERS = frozenset({"imatrix"})  # observers that read the calibration text
 
 
-def autoround_zero_points(model, targets) -> None:
-    """Carry AutoRound's result into what compressed-tensors stores, and put the weights exactly on their grid.
+def carry_autoround_grid(modules) -> None:
+    """Carry AutoRound's result into what compressed-tensors stores, and put the weights exactly on their grid;
+    `modules` are (name, module) pairs.
 
     AutoRound leaves each asymmetric layer's weights on its own grid with an unsigned zero point (`zp`, 0..15 at
-    4 bits) that llm-compressor 0.14 does not map back: `weight_zero_point` stays all zeros, and packing would round
-    the weights onto another grid (measured: 7.4 % of the weight norm on a SmolLM2 layer, perplexity in the
-    thousands). The signed zero point compressed-tensors stores is AutoRound's minus 2^(bits-1).
+    4 bits) that llm-compressor 0.14 does not map back: `weight_zero_point` stays all zeros, so the calibration
+    pipeline's own forward passes, and packing, would round the weights onto another grid (perplexity in the
+    hundreds to thousands). The signed zero point compressed-tensors stores is AutoRound's minus 2^(bits-1).
 
     AutoRound tunes in bfloat16, so its weights are its grid points rounded to bfloat16 (about 0.2 % of the weight
     norm). Each layer's weights must be within bfloat16 rounding of the stored scale and zero point's grid (1 %,
     against 7 % for a wrong zero point), and are then replaced by the exact grid values, which is what the packed
-    checkpoint computes."""
+    checkpoint computes. Running it again on the same modules changes nothing."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
-    for name in targets:
-        module = model.get_submodule(name)
+    for name, module in modules:
         args = module.quantization_scheme.weights
         zp, stored = getattr(module, "zp", None), getattr(module, "weight_zero_point", None)
         if isinstance(zp, torch.Tensor) and stored is not None:
             signed = (zp.detach().float().reshape(stored.shape) - 2 ** (args.num_bits - 1)).round()
             stored.data.copy_(signed.to(stored.dtype))
+            delattr(module, "zp")
         w = module.weight.detach()
         on_grid = fake_quantize(w.float(), module.weight_scale, stored, args)
         err = float((on_grid - w.float()).norm() / w.float().norm())

@@ -59,7 +59,7 @@ from qat_tasks.llm.checkpoint import (
     write_manifest,
 )
 from qat_tasks.llm.formats import VLLM_GROUP_SIZES, effective_group_size
-from qat_tasks.llm.methods import _METHODS, DATA_OBSERVERS, METHODS, OBSERVERS, autoround_zero_points
+from qat_tasks.llm.methods import _METHODS, DATA_OBSERVERS, METHODS, OBSERVERS, carry_autoround_grid
 
 log = logging.getLogger(__name__)
 
@@ -385,8 +385,8 @@ def _calibrate_chunk(k: int, source: Path, spec: QuantSpec, plan: _Plan, samples
     # The allocator alone may have asked for calibration text: round-to-nearest with min/max ranges does not read it.
     needs_data = _METHODS[spec.method].calibrated or spec.observer in DATA_OBSERVERS
     _oneshot(model, tokenizer, samples if needs_data else [], recipe)
-    if spec.method == "autoround":
-        autoround_zero_points(model, targets)
+    if spec.method == "autoround":  # done block by block during calibration; checked again here
+        carry_autoround_grid((n, model.get_submodule(n)) for n in targets)
 
     out = {}
     for name in targets:
