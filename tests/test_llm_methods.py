@@ -123,6 +123,17 @@ def test_rotated_autoround_in_chunks_leaves_finished_chunks_alone_and_its_checkp
     assert float((_logits(model, probe) - ref).norm() / ref.norm()) < 0.5
 
 
+def test_autoround_calibrates_on_samples_of_one_length_cut_from_the_texts_in_order():
+    from qat_tasks.llm.methods import equal_length_samples
+
+    samples = [{"input_ids": torch.arange(a, b)[None], "attention_mask": torch.ones(1, b - a, dtype=torch.long)}
+               for a, b in ((0, 5), (5, 7), (7, 16), (16, 19))]  # lengths 5, 2, 9, 3: 19 tokens
+    out = equal_length_samples(samples)
+    assert [s["input_ids"].shape for s in out] == [torch.Size([1, 9])] * 2  # the longest sample's length
+    assert torch.equal(torch.cat([s["input_ids"][0] for s in out]), torch.arange(18))  # in order, 1 token dropped
+    assert all(bool(s["attention_mask"].all()) for s in out)
+
+
 def test_the_mse_observer_clips_each_group_to_less_weight_error_without_data(llama, tmp_path):
     from transformers import AutoModelForCausalLM
 

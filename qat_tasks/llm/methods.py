@@ -120,6 +120,21 @@ OBSERVERS = {"minmax": None, "mse": "memoryless_mse", "imatrix": "imatrix_mse"}
 DATA_OBSERVERS = frozenset({"imatrix"})  # observers that read the calibration text
 
 
+def equal_length_samples(samples: list[dict]) -> list[dict]:
+    """AutoRound's calibration samples, all of one length: the samples' tokens in order, cut into pieces as long
+    as the longest sample, the shorter remainder dropped.
+
+    AutoRound tunes on batches of samples. llm-compressor 0.14 right-pads samples of unequal length for it, and on
+    that path every tuning step made the stand-in worse although each block's own loss fell (first four blocks,
+    relative logit error against the unquantized model: 0.054 after rounding, 0.20 after 2 steps, 0.68 after 20).
+    On the same texts cut to equal lengths, 20 steps give 0.045, better than rounding, as `auto-round` alone does
+    (0.048): the padded path is where it goes wrong."""
+    width = max(s["input_ids"].shape[1] for s in samples)
+    ids = torch.cat([s["input_ids"][0] for s in samples])
+    pieces = ids[: len(ids) // width * width].view(-1, width)
+    return [{"input_ids": p[None].clone(), "attention_mask": torch.ones_like(p[None])} for p in pieces]
+
+
 def carry_autoround_grid(modules) -> None:
     """Carry AutoRound's result into what compressed-tensors stores, and put the weights exactly on their grid;
     `modules` are (name, module) pairs.

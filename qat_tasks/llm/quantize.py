@@ -59,7 +59,14 @@ from qat_tasks.llm.checkpoint import (
     write_manifest,
 )
 from qat_tasks.llm.formats import VLLM_GROUP_SIZES, effective_group_size
-from qat_tasks.llm.methods import _METHODS, DATA_OBSERVERS, METHODS, OBSERVERS, carry_autoround_grid
+from qat_tasks.llm.methods import (
+    _METHODS,
+    DATA_OBSERVERS,
+    METHODS,
+    OBSERVERS,
+    carry_autoround_grid,
+    equal_length_samples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +391,8 @@ def _calibrate_chunk(k: int, source: Path, spec: QuantSpec, plan: _Plan, samples
     recipe = _METHODS[spec.method].recipe(spec, _config_groups(spec, targets, compact=False, bits=plan.bits), [])
     # The allocator alone may have asked for calibration text: round-to-nearest with min/max ranges does not read it.
     needs_data = _METHODS[spec.method].calibrated or spec.observer in DATA_OBSERVERS
+    if spec.method == "autoround":
+        samples = equal_length_samples(samples)
     _oneshot(model, tokenizer, samples if needs_data else [], recipe)
     if spec.method == "autoround":  # done block by block during calibration; checked again here
         carry_autoround_grid((n, model.get_submodule(n)) for n in targets)
