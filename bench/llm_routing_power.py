@@ -6,7 +6,7 @@ several prompts, the share of answers the checkpoint changes, and the messages a
 
 Reads the state folder the 4-bit benchmark leaves (its calibration version, the dequantised stand-in and
 `variants/<variant>/checkpoint`) and scores a seeded, intent-stratified sample of selection messages with
-`qat_tasks.llm.routing`, both models on bitwise the same prompts:
+`qat_tasks.llm.routing` (sampled as `qat_tasks.llm.measurement` samples the track's), both models on bitwise the same prompts:
 
   one example per intent      the track's prompt (one calibration message per intent, as the DAG builds it)
   three examples per intent   the same with three calibration messages per intent
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -95,6 +94,7 @@ def main() -> None:
     from qat_tasks.data.calibration_set import load_split
     from qat_tasks.llm import checkpoint, routing
     from qat_tasks.llm import model as llm_model
+    from qat_tasks.llm.measurement import routing_sample
 
     cfg = load_config(args.config)
     mcfg = next(m for m in cfg.models if m.role == "llm")
@@ -107,17 +107,8 @@ def main() -> None:
         sys.exit(f"{ckpt} is missing: run bench/llm_4bit_benchmark.py --state {args.state} --variants {args.variant}")
     version = versions[-1]
 
-    rng = random.Random(cfg.calibration.seed)
-    per_intent: dict[str, list[dict]] = defaultdict(list)
-    pool = [r for r in load_split(version, "selection", None) if r["label"] in INTENTS]
-    rng.shuffle(pool)
-    for r in pool:
-        per_intent[r["label"]].append(r)
-    rows: list[dict] = []
-    while len(rows) < min(args.rows, len(pool)):
-        for i in INTENTS:
-            if per_intent[i] and len(rows) < args.rows:
-                rows.append(per_intent[i].pop())
+    tc = mcfg.llm_track.model_copy(update={"routing_rows": args.rows})
+    rows = routing_sample(cfg, tc, load_split(version, "selection", None))  # as the track samples its rows
     examples: dict[str, list[str]] = defaultdict(list)
     for r in load_split(version, "calibration", None):  # as the track picks its shots: short calibration messages
         if r["label"] in INTENTS and len(r["text"]) < 120:
