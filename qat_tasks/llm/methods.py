@@ -1,5 +1,5 @@
-"""The quantization methods behind the adapter: each one's llm-compressor recipe, and what a method leaves that
-the checkpoint needs carried over (AutoRound's zero points)."""
+"""The quantization methods behind the adapter: each one's llm-compressor recipe, the calibration samples it needs,
+and what a method leaves that the checkpoint needs carried over (AutoRound's zero points)."""
 
 from __future__ import annotations
 
@@ -19,15 +19,20 @@ class Method:
     calibrated: bool  # needs calibration data
     symmetric: bool  # default when QuantSpec.symmetric is None
     uses_actorder: bool = False
+    # The calibration samples as the method needs them (default: as tokenized), and what it leaves in a chunk's
+    # model that the checkpoint needs carried over, called with (model, target module names) after calibration.
+    prepare_samples: Callable[[list[dict]], list[dict]] | None = None
+    finish: Callable[[object, list[str]], None] | None = None
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, calibrated: bool, symmetric: bool, uses_actorder: bool = False):
+def register(name: str, *, calibrated: bool, symmetric: bool, uses_actorder: bool = False,
+             prepare_samples=None, finish=None):
     """Register `fn(spec, config_groups, ignore) -> [Modifier, ...]` as quantization method `name`."""
     def deco(fn):
-        _METHODS[name] = Method(fn, calibrated, symmetric, uses_actorder)
+        _METHODS[name] = Method(fn, calibrated, symmetric, uses_actorder, prepare_samples, finish)
         return fn
     return deco
 
@@ -58,7 +63,10 @@ def _gptq(spec: QuantSpec, groups: dict, ignore: list[str]) -> list:
                          dampening_frac=spec.dampening_frac)]
 
 
-@register("autoround", calibrated=True, symmetric=False)
+@register("autoround", calibrated=True, symmetric=False,
+          prepare_samples=lambda samples: equal_length_samples(samples),
+          # done block by block during calibration; checked again on the chunk's finished model
+          finish=lambda model, targets: carry_autoround_grid((n, model.get_submodule(n)) for n in targets))
 def _autoround(spec: QuantSpec, groups: dict, ignore: list[str]) -> list:
     """AutoRound: rounding offsets and clipping learned per block by signed gradient descent on the block's output
     error (Cheng et al., 2024); torch.compile off, which costs more than it saves on a CPU."""

@@ -59,14 +59,7 @@ from qat_tasks.llm.checkpoint import (
     write_manifest,
 )
 from qat_tasks.llm.formats import VLLM_GROUP_SIZES, effective_group_size
-from qat_tasks.llm.methods import (
-    _METHODS,
-    DATA_OBSERVERS,
-    METHODS,
-    OBSERVERS,
-    carry_autoround_grid,
-    equal_length_samples,
-)
+from qat_tasks.llm.methods import _METHODS, DATA_OBSERVERS, METHODS, OBSERVERS
 
 log = logging.getLogger(__name__)
 
@@ -388,14 +381,15 @@ def _calibrate_chunk(k: int, source: Path, spec: QuantSpec, plan: _Plan, samples
     owned = tuple(f"{n}." for n in targets)
     before = {n: fingerprint(p) for n, p in model.named_parameters() if not n.startswith(owned)}
 
-    recipe = _METHODS[spec.method].recipe(spec, _config_groups(spec, targets, compact=False, bits=plan.bits), [])
+    method = _METHODS[spec.method]
+    recipe = method.recipe(spec, _config_groups(spec, targets, compact=False, bits=plan.bits), [])
     # The allocator alone may have asked for calibration text: round-to-nearest with min/max ranges does not read it.
-    needs_data = _METHODS[spec.method].calibrated or spec.observer in DATA_OBSERVERS
-    if spec.method == "autoround":
-        samples = equal_length_samples(samples)
+    needs_data = method.calibrated or spec.observer in DATA_OBSERVERS
+    if method.prepare_samples is not None:
+        samples = method.prepare_samples(samples)
     _oneshot(model, tokenizer, samples if needs_data else [], recipe)
-    if spec.method == "autoround":  # done block by block during calibration; checked again here
-        carry_autoround_grid((n, model.get_submodule(n)) for n in targets)
+    if method.finish is not None:
+        method.finish(model, list(targets))
 
     out = {}
     for name in targets:
